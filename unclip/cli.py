@@ -1,0 +1,165 @@
+"""`unclip generate | init | info`: the command line. User mistakes become one line and exit 1."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from unclip.errors import UnclipError
+from unclip.models import DEFAULT_MODEL
+
+MODEL_HELP = "checkpoint folder (diffusers UnCLIPPipeline layout) or preset: tiny, small, karlo"
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UnclipError as exc:
+            click.echo(f"unclip: error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="unclip")
+def cli() -> None:
+    """Inference engine for unCLIP text-to-image models."""
+    logging.basicConfig(format="unclip: %(levelname)s: %(message)s", level=logging.WARNING,
+                        stream=sys.stderr)
+    logging.getLogger("unclip").setLevel(logging.INFO)
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers chatter (deprecation notes, their own truncation warning) is not ours."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def check_output_folder(out: Path) -> None:
+    """Fail before any work if the images could not be written."""
+    if out.exists() and not out.is_dir():
+        raise UnclipError(f"--out {out} is a file; give a folder path")
+    probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise UnclipError(f"--out {out} is not writable ({probe_dir} denies writing); choose another folder")
+
+
+def write_images(images: list, out: Path, metadata: list[dict[str, str]]) -> list[Path]:
+    """All or nothing: each PNG goes to a temporary name, renamed into place once all are written."""
+    from PIL.PngImagePlugin import PngInfo
+
+    out.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for i, (image, meta) in enumerate(zip(images, metadata, strict=True)):
+            info = PngInfo()
+            for key, value in meta.items():
+                info.add_text(key, value)
+            fd, tmp = tempfile.mkstemp(prefix=f".{i:04d}.", suffix=".png.tmp", dir=out)
+            with os.fdopen(fd, "wb") as f:
+                image.save(f, format="PNG", pnginfo=info)
+            staged.append((Path(tmp), out / f"{i:04d}.png"))
+    except OSError as exc:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise UnclipError(f"cannot write images to {out}: {exc.strerror or exc}") from None
+    for tmp, final in staged:
+        os.replace(tmp, final)
+    return [final for _, final in staged]
+
+
+@cli.command()
+@click.argument("prompts", nargs=-1, required=True)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@click.option("--backend", default="torch", show_default=True, help="torch")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="seeds torch.Generator('cpu'): the same seed gives the same images")
+@click.option("--num-images", type=int, default=1, show_default=True, help="images per prompt")
+@click.option("--prior-steps", type=int, default=25, show_default=True)
+@click.option("--decoder-steps", type=int, default=25, show_default=True)
+@click.option("--super-res-steps", type=int, default=7, show_default=True)
+@click.option("--prior-guidance", type=float, default=4.0, show_default=True)
+@click.option("--decoder-guidance", type=float, default=8.0, show_default=True)
+@click.option("--no-prior", is_flag=True, help="skip the prior: the CLIP text embedding goes to the decoder")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("unclip-out"), show_default=True)
+@click.option("--allow-pickle", is_flag=True, help="allow pickle (.bin) weights, which can run code")
+def generate(prompts: tuple[str, ...], model: str, backend: str, device: str, seed: int,
+             num_images: int, prior_steps: int, decoder_steps: int, super_res_steps: int,
+             prior_guidance: float, decoder_guidance: float, no_prior: bool, out: Path,
+             allow_pickle: bool) -> None:
+    """Generate images for PROMPTS; writes OUT/0000.png, ... (prompt-major) and prints the paths."""
+    import unclip
+    from unclip.engine.pipeline import GenerationSettings, check_prompts
+
+    settings = GenerationSettings(num_images=num_images, prior_steps=prior_steps,
+                                  decoder_steps=decoder_steps, super_res_steps=super_res_steps,
+                                  prior_guidance=prior_guidance, decoder_guidance=decoder_guidance,
+                                  use_prior=not no_prior).validate()
+    check_prompts(list(prompts))
+    check_output_folder(out)
+    pipe = unclip.load(model, backend=backend, device=device, allow_pickle=allow_pickle)
+    images = pipe.generate(list(prompts), seed=seed, progress=True, **vars(settings))
+    steps = f"prior {prior_steps}, decoder {decoder_steps}, super-res {super_res_steps}"
+    metadata = [{"prompt": prompt, "seed": str(seed), "image_index": str(k), "steps": steps,
+                 "guidance": f"prior {prior_guidance}, decoder {decoder_guidance}",
+                 "prior": "no" if no_prior else "yes", "model": str(model), "software": "unclip"}
+                for prompt in prompts for k in range(num_images)]
+    for path in write_images(images, out, metadata):
+        click.echo(str(path))
+
+
+@cli.command()
+@click.option("--preset", required=True, help="tiny, small or karlo")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the random weights")
+def init(preset: str, out: Path, seed: int) -> None:
+    """Write a preset (random weights) as a checkpoint folder."""
+    from unclip.models.checkpoint import save_components
+    from unclip.models.components import build_preset
+    from unclip.models.presets import get_preset
+
+    get_preset(preset)
+    check_output_folder(out)
+    save_components(build_preset(preset, seed=seed), out)
+    click.echo(str(out))
+
+
+@cli.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+def info(model: str) -> None:
+    """Parameter counts and sizes of a model's networks."""
+    from unclip.models import load_model
+    from unclip.models.components import build_preset
+    from unclip.models.networks import model_dims
+    from unclip.models.presets import PRESETS
+
+    # a preset is built on the meta device: shapes without allocating weights
+    components = (build_preset(model, device="meta") if model in PRESETS and not Path(model).exists()
+                  else load_model(model))
+    counts = components.parameter_counts()
+    click.echo(f"model: {model}")
+    for name, count in counts.items():
+        click.echo(f"  {name:<16} {count:>15,d} parameters")
+    click.echo(f"  {'total':<16} {sum(counts.values()):>15,d} parameters")
+    for key, value in model_dims(components).to_dict().items():
+        click.echo(f"  {key:<16} {value}")
+
+
+def main() -> None:
+    cli(prog_name="unclip")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The runtime: pipeline stages, schedulers, backends."""

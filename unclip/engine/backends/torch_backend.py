@@ -1,0 +1,32 @@
+"""The PyTorch backend: the reference, eager networks on any torch device."""
+
+from __future__ import annotations
+
+import torch
+
+from unclip.models.components import UnclipComponents
+from unclip.models.networks import adapters, model_dims
+from unclip.specs import network_specs
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, components: UnclipComponents, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.dims = model_dims(components)
+        self.specs = network_specs(self.dims)
+        self.networks = {k: m.to(self.device).eval() for k, m in adapters(components).items()}
+        prior = components.prior
+        self._constants = {"clip_mean": prior.clip_mean.detach().to(self.device),
+                           "clip_std": prior.clip_std.detach().to(self.device)}
+
+    def run(self, network: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        spec = self.specs[network]
+        with torch.inference_mode():
+            out = self.networks[network](*(inputs[name] for name in spec.input_names))
+        outputs = out if isinstance(out, tuple) else (out,)
+        return dict(zip(spec.output_names, outputs, strict=True))
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        return self._constants

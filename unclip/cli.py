@@ -29,10 +29,18 @@ class _Group(click.Group):
 @click.version_option(package_name="unclip")
 def cli() -> None:
     """Inference engine for unCLIP text-to-image models."""
-    logging.basicConfig(format="unclip: %(levelname)s: %(message)s", level=logging.WARNING,
-                        stream=sys.stderr)
-    logging.getLogger("unclip").setLevel(logging.INFO)
+    logger = logging.getLogger("unclip")
+    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
+        logger.addHandler(_EchoHandler())
+    logger.setLevel(logging.INFO)
     _quiet_libraries()
+
+
+class _EchoHandler(logging.Handler):
+    """Warnings as one line on the current stderr (click swaps streams under test)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"unclip: {record.levelname.lower()}: {record.getMessage()}", err=True)
 
 
 def _quiet_libraries() -> None:
@@ -50,9 +58,14 @@ def check_output_folder(out: Path) -> None:
     """Fail before any work if the images could not be written."""
     if out.exists() and not out.is_dir():
         raise UnclipError(f"--out {out} is a file; give a folder path")
-    probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(probe_dir, os.W_OK | os.X_OK):
-        raise UnclipError(f"--out {out} is not writable ({probe_dir} denies writing); choose another folder")
+    existing = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise UnclipError(f"--out {out} cannot be created: {existing} is a file; choose another folder")
+    try:  # a real probe: permission bits do not tell for root or read-only file systems
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        raise UnclipError(f"--out {out} is not writable ({existing}: {exc.strerror or exc}); "
+                          "choose another folder") from None
 
 
 def write_images(images: list, out: Path, metadata: list[dict[str, str]]) -> list[Path]:

@@ -149,7 +149,12 @@ def _load_network(root: Path, name: str, allow_pickle: bool) -> torch.nn.Module:
     except (TypeError, ValueError, KeyError) as exc:
         raise UnclipError(f"config of {name!r} does not describe a {cls.__name__} ({exc})") from None
     state = _load_state_dict(folder, name, allow_pickle)
-    result = net.load_state_dict(state, strict=False)
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        detail = str(exc).split("\n\t")[1] if "\n\t" in str(exc) else str(exc)
+        raise UnclipError(f"weights of {name!r} do not match its config ({detail[:160]}); "
+                          "the folder mixes files from different models") from None
     unexpected = [k for k in result.unexpected_keys if not k.endswith("position_ids")]
     if result.missing_keys or unexpected:
         problem = (f"missing {result.missing_keys[:3]}" if result.missing_keys

@@ -1,0 +1,61 @@
+"""Reading an exported artifact folder: checked manifest, sizes, schedules, tokenizer, constants.
+
+Everything a runtime backend needs besides its sessions, without diffusers or transformers.
+All files are checked against their sha256 in the manifest before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from unclip.engine.scheduler import SchedulerConfig
+from unclip.engine.tokenizer import ClipTokenizer
+from unclip.errors import UnclipError
+from unclip.export import manifest as layout
+from unclip.specs import ModelDims, network_specs
+
+
+@dataclass
+class Artifact:
+    folder: Path
+    manifest: dict
+    dims: ModelDims
+    schedulers: dict[str, SchedulerConfig]
+    tokenizer: ClipTokenizer
+    constants: dict[str, torch.Tensor]
+
+    def network_path(self, network: str) -> Path:
+        return self.folder / self.manifest["networks"][network]["file"]
+
+
+def _read_config(folder: Path, name: str) -> dict:
+    try:
+        return json.loads((folder / name).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UnclipError(f"{folder / name} cannot be read ({exc}); {layout.REEXPORT_HINT}") from None
+
+
+def load_artifact(folder: str | Path) -> Artifact:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = layout.read_manifest(folder)
+    layout.verify_files(folder, manifest)
+    dims = ModelDims(**_read_config(folder, layout.MODEL_DIMS))
+    for name, spec in network_specs(dims).items():
+        entry = layout.network_entry(manifest, folder, name)
+        layout.verify_file(folder, entry["file"], entry["sha256"])
+        if entry.get("external_data"):
+            layout.verify_file(folder, entry["external_data"]["file"], entry["external_data"]["sha256"])
+        names = ([t["name"] for t in entry.get("inputs", [])], [t["name"] for t in entry.get("outputs", [])])
+        if names != (spec.input_names, spec.output_names):
+            raise UnclipError(f"{entry['file']} was exported with tensors {names}, this unclip binds "
+                              f"{(spec.input_names, spec.output_names)}; {layout.REEXPORT_HINT}")
+    schedulers = {name: SchedulerConfig.from_dict(config)
+                  for name, config in _read_config(folder, layout.SCHEDULERS).items()}
+    constants = load_file(folder / layout.CONSTANTS)
+    return Artifact(folder, manifest, dims, schedulers, ClipTokenizer(folder / layout.TOKENIZER), constants)

@@ -1,0 +1,116 @@
+"""The ONNX Runtime backend: the exported networks of an artifact folder, run by ORT sessions.
+
+CPU: torch tensors go to ORT as numpy views and come back with torch.from_numpy (no copies).
+CUDA (onnxruntime-gpu): inputs and outputs stay on the GPU, bound by pointer with I/O binding,
+so the sampling loop's torch CUDA tensors never cross to the host.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from unclip.engine.artifact import Artifact, load_artifact
+from unclip.errors import UnclipError
+from unclip.specs import DTYPES
+
+NUMPY = {name: torch.empty(0, dtype=dtype).numpy().dtype for name, dtype in DTYPES.items()}
+
+# Measured on this project's 2-core CPU machine (small preset, ORT 1.32, generate with prior 3,
+# decoder 4, super-res 2 steps, median of 3): see docs/README-onnx.md. Two intra-op threads use
+# both cores; inter-op parallelism buys nothing for these single-path graphs. ORT_ENABLE_ALL
+# (layout transforms, fused attention/GELU on CPU) was fastest.
+INTRA_OP_THREADS = 0  # 0 = one per physical core
+GRAPH_OPTIMIZATION = "ORT_ENABLE_ALL"
+
+
+def session_options():
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = INTRA_OP_THREADS
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION)
+    options.log_severity_level = 3  # ORT's warnings about unused initialisers are not the user's problem
+    return options
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, artifact: Artifact, device: str | torch.device = "cpu"):
+        import onnxruntime as ort
+
+        from unclip.specs import network_specs
+
+        self.device = torch.device(device)
+        self.dims = artifact.dims
+        self.specs = network_specs(artifact.dims)
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UnclipError("--device cuda with --backend onnxruntime needs onnxruntime-gpu "
+                                  "(pip install onnxruntime-gpu); or use --device cpu")
+            self._device_id = self.device.index or 0
+            providers = [("CUDAExecutionProvider", {"device_id": self._device_id}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        options = session_options()
+        self.sessions = {}
+        for name in self.specs:
+            path = artifact.network_path(name)
+            try:
+                self.sessions[name] = ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+                raise UnclipError(f"ONNX Runtime cannot load {path} ({str(exc).splitlines()[0]}); "
+                                  "re-run `unclip export onnx` into this folder") from None
+        self._constants = {k: v.to(self.device) for k, v in artifact.constants.items()}
+
+    def run(self, network: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        spec = self.specs[network]
+        if self.device.type == "cuda":
+            return self._run_bound(network, inputs)
+        feeds = {name: inputs[name].contiguous().numpy() for name in spec.input_names}
+        outputs = self.sessions[network].run(spec.output_names, feeds)
+        return {name: torch.from_numpy(out) for name, out in zip(spec.output_names, outputs, strict=True)}
+
+    def _run_bound(self, network: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """GPU tensors bound by pointer; outputs allocated by torch at the spec's shape."""
+        spec, session = self.specs[network], self.sessions[network]
+        binding = session.io_binding()
+        sizes: dict[str, int] = {}  # dynamic axis name -> this call's size, read from the inputs
+        feeds = {}
+        for t in spec.inputs:
+            x = inputs[t.name].to(self.device, DTYPES[t.dtype]).contiguous()
+            feeds[t.name] = x  # keep alive until the run ends
+            sizes.update({a: n for a, n in zip(t.shape, x.shape, strict=True) if isinstance(a, str)})
+            binding.bind_input(t.name, "cuda", self._device_id, NUMPY[t.dtype], list(x.shape), x.data_ptr())
+        outputs = {}
+        for t in spec.outputs:
+            shape = [sizes[a] if isinstance(a, str) else a for a in t.shape]
+            y = torch.empty(shape, dtype=DTYPES[t.dtype], device=self.device)
+            binding.bind_output(t.name, "cuda", self._device_id, NUMPY[t.dtype], shape, y.data_ptr())
+            outputs[t.name] = y
+        torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # ORT's stream is done before torch reads the outputs
+        return outputs
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        return self._constants
+
+
+def load_onnxruntime_pipeline(folder: str | Path, device: str = "cpu"):
+    """A Pipeline over an artifact folder (made by `unclip export onnx`)."""
+    from unclip.engine.pipeline import Pipeline
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UnclipError(f"with --backend onnxruntime, --model must be an artifact folder made by "
+                          f"`unclip export onnx --out DIR`; {str(folder)!r} is not a folder")
+    artifact = load_artifact(folder)
+    backend = OnnxRuntimeBackend(artifact, device)
+    return Pipeline(backend, artifact.tokenizer, artifact.dims, artifact.schedulers,
+                    model_name=artifact.manifest["source_model"]["name"])
+

@@ -1,0 +1,80 @@
+"""The fp16 variant of an exported graph: half-precision weights and activations, fp32 at the edges.
+
+Inputs and outputs stay fp32 (the sampling loop and the scheduler run in fp32), and two kinds of
+nodes stay fp32 because fp16 breaks them:
+  * FRAGILE_OPS: normalisations (their variance sums squares that overflow fp16's 65504), softmax
+    and exp (large logits), pow/sqrt/reduce-mean/erf inside decomposed norms and GELU;
+  * the timestep-embedding subgraph: sin/cos of t * frequency with t up to 999 needs fp32, since
+    fp16's spacing near 1000 is 0.5, i.e. half a radian.
+onnxconverter-common's converter does the rewrite and inserts the Casts at the fp32 islands.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import onnx
+
+FRAGILE_OPS = ["LayerNormalization", "InstanceNormalization", "GroupNormalization", "Softmax", "Exp",
+               "Pow", "Sqrt", "ReduceMean", "Erf", "Sin", "Cos"]
+TIMESTEP_INPUT = "timestep"
+
+
+def timestep_subgraph(model: onnx.ModelProto, source: str = TIMESTEP_INPUT) -> list[str]:
+    """Names of the nodes computed from `source` and constants alone (nodes are in topological
+    order in an ONNX graph, so one forward pass finds them)."""
+    constant = {t.name for t in model.graph.initializer} | {""}
+    derived = {source} if source in {i.name for i in model.graph.input} else set()
+    names = []
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            constant.update(node.output)
+            continue
+        inputs = set(node.input)
+        if derived & inputs and inputs <= derived | constant:
+            derived.update(node.output)
+            names.append(node.name)
+    return names
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():  # one warning per weight below fp16's smallest normal: expected
+        warnings.simplefilter("ignore", UserWarning)
+        half = float16.convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FRAGILE_OPS,
+            node_block_list=timestep_subgraph(model), disable_shape_infer=False)
+    _fix_casts_to_float(half)
+    _restore_output_types(model, half)
+    return half
+
+
+def _restore_output_types(original: onnx.ModelProto, half: onnx.ModelProto) -> None:
+    """keep_io_types misses an output that other nodes also consume (the text encoder's hidden
+    states feed its pooling): cast any output the converter left in fp16 back to its own type."""
+    want = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
+    for output in half.graph.output:
+        elem = want[output.name]
+        if output.type.tensor_type.elem_type == elem:
+            continue
+        inner = output.name + "_fp16"
+        for node in half.graph.node:
+            node.output[:] = [inner if o == output.name else o for o in node.output]
+            node.input[:] = [inner if i == output.name else i for i in node.input]
+        half.graph.node.append(onnx.helper.make_node("Cast", [inner], [output.name], to=elem,
+                                                     name=output.name + "_to_output_type"))
+        output.type.tensor_type.elem_type = elem
+
+
+def _fix_casts_to_float(model: onnx.ModelProto) -> None:
+    """The converter (1.16) retypes the output of a `Cast(to=float)` that feeds fp16 nodes (e.g. the
+    attention mask cast from bool) to fp16 but leaves `to` at float, which ORT rejects; make the
+    Cast produce the type the converter gave its output."""
+    fp16_values = {v.name for v in model.graph.value_info
+                   if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.output[0] in fp16_values:
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
+                    attr.i = onnx.TensorProto.FLOAT16

@@ -1,0 +1,146 @@
+"""The artifact folder's format: file names, `manifest.json`, checksums, the atomic swap.
+
+Writers (the exporters) and readers (the runtime backends) share this module, so the folder
+layout is written down once. Standard library only: a serving process imports it without torch
+network code, diffusers or transformers.
+
+    DIR/
+      manifest.json           what is here, how it was made, how well it matched PyTorch
+      <network>.onnx          one per network in the spec table (+ <network>.onnx.data when > 2 GB)
+      model_dims.json         ModelDims.to_dict(): the sizes the runtime allocates buffers from
+      schedulers.json         {prior|decoder|super_res}_scheduler -> SchedulerConfig.to_dict()
+      constants.safetensors   tensors the sampling loop needs itself (the prior's clip_mean / clip_std)
+      tokenizer/              vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from unclip.errors import UnclipError
+
+FORMAT = "unclip-onnx"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_DIMS = "model_dims.json"
+SCHEDULERS = "schedulers.json"
+CONSTANTS = "constants.safetensors"
+TOKENIZER = "tokenizer"
+REEXPORT_HINT = "re-run `unclip export onnx` into this folder"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of an artifact folder, with the checks every backend needs before loading."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UnclipError(f"artifact folder {folder} does not exist; create one with "
+                          f"`unclip export onnx --model MODEL --out {folder}`")
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UnclipError(f"{folder} has no {MANIFEST}: it is not an exported artifact folder; "
+                          f"{REEXPORT_HINT}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UnclipError(f"{path} is not valid JSON ({exc}); {REEXPORT_HINT}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UnclipError(f"{path} is not an unclip ONNX manifest (format {FORMAT!r}); {REEXPORT_HINT}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UnclipError(f"{path} has format_version {manifest.get('format_version')!r}, this unclip "
+                          f"reads {FORMAT_VERSION}; {REEXPORT_HINT}")
+    return manifest
+
+
+def network_entry(manifest: dict, folder: Path, network: str) -> dict:
+    entry = manifest.get("networks", {}).get(network)
+    if not isinstance(entry, dict) or "file" not in entry or "sha256" not in entry:
+        raise UnclipError(f"{Path(folder) / MANIFEST} has no entry for network {network!r}; {REEXPORT_HINT}")
+    return entry
+
+
+def verify_file(folder: Path, relative: str, expected_sha256: str) -> Path:
+    """A missing, corrupt or swapped file is named here, never met later inside a runtime."""
+    path = Path(folder) / relative
+    if not path.is_file():
+        raise UnclipError(f"{path} is listed in {MANIFEST} but missing; {REEXPORT_HINT}")
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise UnclipError(f"{path} does not match its sha256 in {MANIFEST} (file {actual[:12]}..., "
+                          f"manifest {expected_sha256[:12]}...): it is corrupt or from another export; "
+                          f"{REEXPORT_HINT}")
+    return path
+
+
+def verify_files(folder: Path, manifest: dict) -> None:
+    """Every file the manifest lists (networks, their external data, configs, tokenizer)."""
+    for relative, digest in manifest.get("files", {}).items():
+        verify_file(folder, relative, digest)
+
+
+def check_output_folder(out: Path) -> None:
+    """Fail before any work when DIR cannot become a folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UnclipError(f"--out {out} is a file; give a folder path (it is created or replaced)")
+    probe = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UnclipError(f"--out {out} is not writable ({probe} denies writing); choose another folder")
+
+
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling of `out`; on success it replaces `out`, on any error it is
+    deleted and `out` is untouched. The swap is two renames on one file system; the old folder is
+    removed only after the new one is in place."""
+    out = Path(out)
+    check_output_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
+    try:
+        yield tmp
+        _readable_by_all(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _readable_by_all(folder: Path) -> None:
+    """mkdtemp (and some writers) create owner-only modes; give the artifact the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` except the manifest, keyed by POSIX relative path."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): sha256_file(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}

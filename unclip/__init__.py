@@ -9,15 +9,16 @@ from unclip.errors import UnclipError
 __version__ = "0.1.0"
 __all__ = ["UnclipError", "load", "__version__"]
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch",)
 
 
 def load(model: str | Path = "tiny", backend: str = "torch", device: str = "cpu",
-         allow_pickle: bool = False):
+         allow_pickle: bool = False, dtype: str = "fp32", cuda_graphs: bool = False, kernels: bool = False):
     """Load a model once for many `generate` calls.
 
-    `model` is a checkpoint folder (diffusers UnCLIPPipeline layout) or a preset name; with
-    backend="onnxruntime" it is an artifact folder made by `unclip export onnx`.
+    `model` is a checkpoint folder (diffusers UnCLIPPipeline layout) or a preset name.
+    `dtype`, `cuda_graphs` and `kernels` switch on the GPU fast path of the torch backend
+    (unclip.engine.fast_path; docs/README-gpu.md).
     """
     import torch
 
@@ -32,13 +33,32 @@ def load(model: str | Path = "tiny", backend: str = "torch", device: str = "cpu"
                           "use --device cpu")
     if not (device == "cpu" or device.startswith("cuda")):
         raise UnclipError(f"unknown device {device!r}: use cpu or cuda")
-    if backend == "onnxruntime":  # serves from the artifact: no diffusers/transformers imports
-        from unclip.engine.backends.onnxruntime_backend import load_onnxruntime_pipeline
-
-        return load_onnxruntime_pipeline(model, device)
+    _check_fast_path(backend, device, dtype, cuda_graphs, kernels)
     components = load_model(model, allow_pickle=allow_pickle)
     from unclip.engine.backends.torch_backend import TorchBackend
 
-    runtime = TorchBackend(components, device)
+    runtime, stage_runner = TorchBackend(components, device), None
+    if dtype != "fp32" or cuda_graphs or kernels:
+        from unclip.engine.fast_path import fast_path
+
+        runtime, stage_runner = fast_path(runtime, dtype, cuda_graphs, kernels)
     return Pipeline(runtime, components.tokenizer, model_dims(components), components.schedulers,
-                    model_name=str(model))
+                    model_name=str(model), stage_runner=stage_runner)
+
+
+def _check_fast_path(backend: str, device: str, dtype: str, cuda_graphs: bool, kernels: bool) -> None:
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise UnclipError(f"unknown --dtype {dtype!r}: choose fp32, fp16 or bf16")
+    fast = [name for name, on in (("--dtype " + dtype, dtype != "fp32"), ("--cuda-graphs", cuda_graphs),
+                                  ("--kernels", kernels)) if on]
+    if fast and backend != "torch":
+        raise UnclipError(f"{fast[0]} applies to --backend torch only; drop it or use --backend torch")
+    if fast and not device.startswith("cuda"):
+        raise UnclipError(f"{fast[0]} is the GPU fast path and needs --device cuda; "
+                          "on CPU use --dtype fp32 without --cuda-graphs/--kernels")
+    if kernels:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise UnclipError("--kernels needs Triton: pip install triton (it ships with CUDA builds "
+                              "of torch), or drop --kernels") from None

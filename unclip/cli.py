@@ -11,7 +11,6 @@ from pathlib import Path
 import click
 
 from unclip.errors import UnclipError
-from unclip.export.cli import export
 from unclip.models import DEFAULT_MODEL
 
 MODEL_HELP = "checkpoint folder (diffusers UnCLIPPipeline layout) or preset: tiny, small, karlo"
@@ -96,9 +95,12 @@ def write_images(images: list, out: Path, metadata: list[dict[str, str]]) -> lis
 @cli.command()
 @click.argument("prompts", nargs=-1, required=True)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
-@click.option("--backend", default="torch", show_default=True,
-              help="torch, or onnxruntime (then --model is a folder made by `unclip export onnx`)")
+@click.option("--backend", default="torch", show_default=True, help="torch")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--dtype", default="fp32", show_default=True,
+              help="fp32, or fp16/bf16 on cuda (half networks, float32 scheduler)")
+@click.option("--cuda-graphs", is_flag=True, help="cuda: replay each stage's loop as one captured CUDA graph")
+@click.option("--kernels", is_flag=True, help="cuda: fused Triton kernels (GroupNorm+SiLU, guidance step)")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="seeds torch.Generator('cpu'): the same seed gives the same images")
 @click.option("--num-images", type=int, default=1, show_default=True, help="images per prompt")
@@ -110,7 +112,8 @@ def write_images(images: list, out: Path, metadata: list[dict[str, str]]) -> lis
 @click.option("--no-prior", is_flag=True, help="skip the prior: the CLIP text embedding goes to the decoder")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("unclip-out"), show_default=True)
 @click.option("--allow-pickle", is_flag=True, help="allow pickle (.bin) weights, which can run code")
-def generate(prompts: tuple[str, ...], model: str, backend: str, device: str, seed: int,
+def generate(prompts: tuple[str, ...], model: str, backend: str, device: str, dtype: str,
+             cuda_graphs: bool, kernels: bool, seed: int,
              num_images: int, prior_steps: int, decoder_steps: int, super_res_steps: int,
              prior_guidance: float, decoder_guidance: float, no_prior: bool, out: Path,
              allow_pickle: bool) -> None:
@@ -124,7 +127,8 @@ def generate(prompts: tuple[str, ...], model: str, backend: str, device: str, se
                                   use_prior=not no_prior).validate()
     check_prompts(list(prompts))
     check_output_folder(out)
-    pipe = unclip.load(model, backend=backend, device=device, allow_pickle=allow_pickle)
+    pipe = unclip.load(model, backend=backend, device=device, allow_pickle=allow_pickle, dtype=dtype,
+                       cuda_graphs=cuda_graphs, kernels=kernels)
     images = pipe.generate(list(prompts), seed=seed, progress=True, **vars(settings))
     steps = f"prior {prior_steps}, decoder {decoder_steps}, super-res {super_res_steps}"
     metadata = [{"prompt": prompt, "seed": str(seed), "image_index": str(k), "steps": steps,
@@ -170,9 +174,6 @@ def info(model: str) -> None:
     click.echo(f"  {'total':<16} {sum(counts.values()):>15,d} parameters")
     for key, value in model_dims(components).to_dict().items():
         click.echo(f"  {key:<16} {value}")
-
-
-cli.add_command(export)
 
 
 def main() -> None:

@@ -79,8 +79,12 @@ class Pipeline:
     """Load once, generate many times. Thread-safe: calls are serialised on the shared buffers."""
 
     def __init__(self, backend: Backend, tokenizer, dims: ModelDims,
-                 schedulers: dict[str, SchedulerConfig], model_name: str = "unnamed"):
+                 schedulers: dict[str, SchedulerConfig], model_name: str = "unnamed",
+                 stage_runner=None):
         self.backend = backend
+        # None: the plain loops below; else the GPU fast path (unclip.engine.cuda_graphs.StageRunner)
+        # runs each stage's loop on static buffers, captured as a CUDA graph and/or with fused kernels
+        self.stage_runner = stage_runner
         self.tokenizer = tokenizer
         self.dims = dims
         self.schedulers = schedulers
@@ -132,15 +136,21 @@ class Pipeline:
         table = self._table("prior", config, s.prior_steps)
         batch = text.embeds.shape[0] // (2 if s.guided else 1)
         x, noise = self._draw(generator, (batch, self.dims.clip_dim), table)
-        for i in tqdm(range(s.prior_steps), desc="prior", disable=not progress, leave=False):
-            x_in = torch.cat([x, x]) if s.guided else x
-            pred = self.backend.run("prior", sample=x_in, timestep=table.timesteps[i].expand(len(x_in)),
-                                    text_embeds=text.embeds, text_hidden=text.hidden,
-                                    text_mask=text.mask)["predicted_image_embeds"]
-            if s.guided:
-                uncond, cond = pred.chunk(2)
-                pred = uncond + s.prior_guidance * (cond - uncond)
-            x = scheduler_step(config, table, i, pred, x, noise[i])
+        if self.stage_runner is not None:
+            x = self.stage_runner.denoise(
+                "prior", x, noise, config, table, ["prior"] * s.prior_steps,
+                dict(text_embeds=text.embeds, text_hidden=text.hidden, text_mask=text.mask),
+                guidance=s.prior_guidance if s.guided else None)
+        else:
+            for i in tqdm(range(s.prior_steps), desc="prior", disable=not progress, leave=False):
+                x_in = torch.cat([x, x]) if s.guided else x
+                pred = self.backend.run("prior", sample=x_in, timestep=table.timesteps[i].expand(len(x_in)),
+                                        text_embeds=text.embeds, text_hidden=text.hidden,
+                                        text_mask=text.mask)["predicted_image_embeds"]
+                if s.guided:
+                    uncond, cond = pred.chunk(2)
+                    pred = uncond + s.prior_guidance * (cond - uncond)
+                x = scheduler_step(config, table, i, pred, x, noise[i])
         constants = self.backend.constants()
         image_embeds = x * constants["clip_std"] + constants["clip_mean"]
         self._check_finite("prior", image_embeds, s)
@@ -165,19 +175,25 @@ class Pipeline:
         c, size = self.dims.decoder_channels, self.dims.decoder_size
         batch = decoder_hidden.shape[0] // (2 if s.guided else 1)
         x, noise = self._draw(generator, (batch, c, size, size), table)
-        for i in tqdm(range(s.decoder_steps), desc="decoder", disable=not progress, leave=False):
-            x_in = torch.cat([x, x]) if s.guided else x
-            out = self.backend.run("decoder", sample=x_in, timestep=table.timesteps[i].expand(len(x_in)),
-                                   decoder_hidden=decoder_hidden, decoder_time_embeds=decoder_time,
-                                   text_mask=text.mask)["model_output"]
-            if s.guided:
-                uncond, cond = out.chunk(2)
-                eps_uncond, eps_cond, variance = uncond[:, :c], cond[:, :c], cond[:, c:]
-                eps = eps_uncond + s.decoder_guidance * (eps_cond - eps_uncond)
-            else:
-                eps, variance = out[:, :c], out[:, c:]
-            x = scheduler_step(config, table, i, eps, x, noise[i],
-                               predicted_variance=variance if variance.shape[1] == c else None)
+        if self.stage_runner is not None:
+            x = self.stage_runner.denoise(
+                "decoder", x, noise, config, table, ["decoder"] * s.decoder_steps,
+                dict(decoder_hidden=decoder_hidden, decoder_time_embeds=decoder_time, text_mask=text.mask),
+                guidance=s.decoder_guidance if s.guided else None, channels=c)
+        else:
+            for i in tqdm(range(s.decoder_steps), desc="decoder", disable=not progress, leave=False):
+                x_in = torch.cat([x, x]) if s.guided else x
+                out = self.backend.run("decoder", sample=x_in, timestep=table.timesteps[i].expand(len(x_in)),
+                                       decoder_hidden=decoder_hidden, decoder_time_embeds=decoder_time,
+                                       text_mask=text.mask)["model_output"]
+                if s.guided:
+                    uncond, cond = out.chunk(2)
+                    eps_uncond, eps_cond, variance = uncond[:, :c], cond[:, :c], cond[:, c:]
+                    eps = eps_uncond + s.decoder_guidance * (eps_cond - eps_uncond)
+                else:
+                    eps, variance = out[:, :c], out[:, c:]
+                x = scheduler_step(config, table, i, eps, x, noise[i],
+                                   predicted_variance=variance if variance.shape[1] == c else None)
         x = x.clamp(-1, 1)
         self._check_finite("decoder", x, s)
         return x
@@ -190,13 +206,18 @@ class Pipeline:
         x, noise = self._draw(generator, (image_small.shape[0], image_small.shape[1], size, size), table)
         lowres = F.interpolate(image_small, size=[size, size], mode="bicubic", align_corners=False,
                                antialias=True)
-        last = s.super_res_steps - 1
-        for i in tqdm(range(s.super_res_steps), desc="super-res", disable=not progress, leave=False):
-            # Karlo trains a separate network for the final step
-            network = "super_res_last" if i == last else "super_res_first"
-            out = self.backend.run(network, sample=x, timestep=table.timesteps[i].expand(len(x)),
-                                   image_lowres=lowres)["model_output"]
-            x = scheduler_step(config, table, i, out, x, noise[i])
+        if self.stage_runner is not None:
+            networks = ["super_res_first"] * (s.super_res_steps - 1) + ["super_res_last"]
+            x = self.stage_runner.denoise("super_res", x, noise, config, table, networks,
+                                          dict(image_lowres=lowres))
+        else:
+            last = s.super_res_steps - 1
+            for i in tqdm(range(s.super_res_steps), desc="super-res", disable=not progress, leave=False):
+                # Karlo trains a separate network for the final step
+                network = "super_res_last" if i == last else "super_res_first"
+                out = self.backend.run(network, sample=x, timestep=table.timesteps[i].expand(len(x)),
+                                       image_lowres=lowres)["model_output"]
+                x = scheduler_step(config, table, i, out, x, noise[i])
         self._check_finite("super-resolution", x, s)
         return x
 
@@ -228,9 +249,10 @@ class Pipeline:
         return latents, noise
 
     def _check_finite(self, stage: str, x: torch.Tensor, s: GenerationSettings) -> None:
-        if not torch.isfinite(x).all():
-            raise UnclipError(f"the {stage} stage produced non-finite values ({x.dtype}, batch "
-                              f"{x.shape[0]}); use float32 or a smaller guidance scale")
+        if not torch.isfinite(x).all():  # one reduction per stage, outside the loops
+            precision = getattr(self.backend, "precision", "fp32")
+            raise UnclipError(f"the {stage} stage produced non-finite values (precision {precision}, "
+                              f"batch {x.shape[0]}); use --dtype fp32 or a smaller guidance scale")
 
 
 def to_pil(array: np.ndarray) -> list:

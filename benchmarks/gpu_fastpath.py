@@ -1,0 +1,225 @@
+"""The GPU fast-path suite (issue 7): diffusers eager fp32 and fp16 against our fp16 eager, fp16 +
+CUDA graphs, and fp16 + CUDA graphs + fused kernels, per stage and end to end, in one run.
+
+It runs on `unclip bench`'s machinery (unclip.bench): one process per runner started one at a
+time, interleaved rounds, CUDA-event timing, FLOPs per call, the matmul peak, and the same
+results.json / results.md. What it adds are the runners below, which `unclip bench` (one dtype,
+backends by name) does not name:
+
+  diffusers                    baseline: UnCLIPPipeline, fp32 eager (unclip bench's own)
+  diffusers-fp16               UnCLIPPipeline, every network in fp16, eager
+  torch-fp16                   ours, fp16 eager (the plain loops)
+  torch-fp16-graphs            ours, fp16, each stage's loop replayed as one CUDA graph
+  torch-fp16-graphs-kernels    ours, fp16, graphs + Triton GroupNorm+SiLU and fused guidance step
+  torch-fp16-graphs-gn         ours, fp16, graphs + the GroupNorm+SiLU kernel alone   } each kernel is
+  torch-fp16-graphs-step       ours, fp16, graphs + the fused guidance step alone     } kept only if faster
+
+Inside a graph the network calls of a stage cannot be timed one by one, so the graph runners
+record one timed call per stage loop; their per-stage FLOPs are taken from torch-fp16 (the same
+work, counted per call) and their per-network table is left empty.
+
+    python benchmarks/gpu_fastpath.py --model karlo --batch-sizes 1,8 --out OUT/karlo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unclip.bench import suite
+from unclip.bench.results import Results
+from unclip.bench.worker import BASELINE, Runner
+from unclip.engine.profiling import matmul_peak_tflops
+from unclip.models.components import NETWORKS
+
+RUNNERS = {
+    "diffusers-fp16": dict(diffusers_dtype="fp16"),
+    "torch-fp16": dict(dtype="fp16", cuda_graphs=False, kernels=False),
+    "torch-fp16-graphs": dict(dtype="fp16", cuda_graphs=True, kernels=False),
+    "torch-fp16-graphs-kernels": dict(dtype="fp16", cuda_graphs=True, kernels=True),
+    "torch-fp16-graphs-gn": dict(dtype="fp16", cuda_graphs=True, kernels=False, only="group_norm_silu"),
+    "torch-fp16-graphs-step": dict(dtype="fp16", cuda_graphs=True, kernels=False, only="guidance_step"),
+}
+EAGER_TWIN = "torch-fp16"  # counts the per-call FLOPs that the graph runners' stages also do
+
+
+class TimedStageRunner:
+    """One timeline call per stage loop (a graph replay cannot be split into network calls)."""
+
+    def __init__(self, runner, timeline):
+        self._runner = runner
+        self.timeline = timeline
+
+    def denoise(self, stage, x, noise, config, table, networks, conditioning, guidance=None, channels=None):
+        self.timeline.begin(networks[0], x.shape[0] * (2 if guidance is not None else 1))
+        out = self._runner.denoise(stage, x, noise, config, table, networks, conditioning,
+                                   guidance=guidance, channels=channels)
+        self.timeline.end()
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self._runner, name)
+
+
+class FastRunner(Runner):
+    """unclip bench's runner, plus the runners of RUNNERS."""
+
+    def load(self) -> None:
+        options = RUNNERS.get(self.kind)
+        if options is None:
+            return super().load()
+        if "diffusers_dtype" in options:
+            from unclip.bench.baseline import attach_timeline, diffusers_pipeline
+            from unclip.models import load_model
+
+            self.components = load_model(self.spec["model"])
+            for name in NETWORKS:
+                getattr(self.components, name).half()  # before .to(cuda): no fp32 copy on the GPU
+            self.pipe = diffusers_pipeline(self.components, self.spec["device"])
+            attach_timeline(self.pipe, self.timeline)
+            return None
+        import unclip
+        from unclip.engine.fast_path import UNETS
+        from unclip.engine.profiling import TimedBackend
+        from unclip.kernels.group_norm_silu import fuse_group_norm_silu
+
+        options = dict(options)
+        only = options.pop("only", None)  # one kernel alone, switched on here as fast_path would
+        self.pipe = unclip.load(self.spec["model"], device=self.spec["device"], **options)
+        if only == "group_norm_silu":
+            for name in UNETS:
+                fuse_group_norm_silu(self.pipe.backend.networks[name], use_triton=True)
+        elif only == "guidance_step":
+            self.pipe.stage_runner.kernels = True
+        self.pipe.backend = TimedBackend(self.pipe.backend, self.timeline)
+        if self.pipe.stage_runner is not None:
+            self.pipe.stage_runner = TimedStageRunner(self.pipe.stage_runner, self.timeline)
+        return None
+
+    def generate(self, batch: int) -> list:
+        if "diffusers_dtype" in RUNNERS.get(self.kind, {}):
+            from unclip.bench.baseline import generate
+
+            return generate(self.pipe, [self.spec["prompt"]] * batch, self.spec["seed"], self.settings)
+        return super().generate(batch)
+
+    def cmd_matmul_peak(self) -> dict:
+        """unclip bench's bf16 peak, and the fp16 one (the dtype these runners compute in)."""
+        peak = matmul_peak_tflops(self.device)
+        n, iters = peak["n"], peak["iterations"]
+        a = torch.randn(n, n, device=self.device, dtype=torch.float16)
+        b = torch.randn(n, n, device=self.device, dtype=torch.float16)
+        for _ in range(2):
+            a @ b
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        peak["fp16_tflops"] = 2 * n**3 / (start.elapsed_time(end) / 1e3 / iters) / 1e12
+        return peak
+
+
+class FastWorker(suite.Worker):
+    """unclip bench's worker process, started on this file so that it runs a FastRunner."""
+
+    def __init__(self, name: str, spec: dict):
+        self.name = name
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                        text=True, start_new_session=True)
+
+
+class FastResults(Results):
+    """unclip bench's results, with the graph runners' stage FLOPs taken from their eager twin."""
+
+    command = ""
+
+    def __init__(self, header: dict, *args, **kwargs):
+        header["command"] = FastResults.command
+        header["settings"]["dtype"] = "per runner, see runner_options"
+        header["runner_options"] = {BASELINE: {"diffusers_dtype": "fp32"}, **RUNNERS}
+        super().__init__(header, *args, **kwargs)
+
+    def run(self, runner: str, batch: int) -> dict:
+        out = super().run(runner, batch)
+        fp16 = self.samples.get(("diffusers-fp16", batch))  # the issue's acceptance compares with this
+        out["speedup_vs_diffusers_fp16"] = (float(np.median([s["latency_ms"] for s in fp16]))
+                                            / out["latency_ms"]["median"] if fp16 else None)
+        if not RUNNERS.get(runner, {}).get("cuda_graphs"):
+            return out
+        twin = super().run(EAGER_TWIN, batch) if (EAGER_TWIN, batch) in self.samples else None
+        peak = self.matmul_peak["tflops"] if self.matmul_peak else None
+        for stage, ms in out["stages_ms"].items():
+            if stage not in out["stage_gflop"]:
+                continue
+            gflop = twin["stage_gflop"][stage] if twin else None
+            tflops = None if gflop is None or ms <= 0 else gflop / ms  # GFLOP/ms = TFLOP/s
+            out["stage_gflop"][stage] = gflop
+            out["stage_tflops"][stage] = tflops
+            fraction = None if tflops is None or not peak else tflops / peak
+            out["stage_fraction_of_matmul_peak"][stage] = fraction
+        out["networks"] = {}  # one timed call per stage loop: network calls are not separable in a graph
+        out["stage_flops_from"] = EAGER_TWIN
+        return out
+
+
+def main(argv: list[str]) -> None:
+    from unclip.bench.config import BenchConfig
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="karlo", help="preset or checkpoint folder")
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--runners", default=",".join(RUNNERS), help="runners above, comma-separated")
+    parser.add_argument("--prior-steps", type=int, default=25)
+    parser.add_argument("--decoder-steps", type=int, default=25)
+    parser.add_argument("--super-res-steps", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    runners = tuple(r for r in args.runners.split(",") if r)
+    unknown = [r for r in runners if r not in RUNNERS]
+    if unknown or not torch.cuda.is_available():
+        sys.exit(f"gpu_fastpath: unknown runners {unknown}" if unknown else "gpu_fastpath: needs a CUDA GPU")
+    cfg = BenchConfig(model=args.model, backends=runners, device="cuda",
+                      batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+                      prior_steps=args.prior_steps, decoder_steps=args.decoder_steps,
+                      super_res_steps=args.super_res_steps, warmup=args.warmup, repeat=args.repeat,
+                      out=args.out, plots=False)
+    FastResults.command = shlex.join(["python", "benchmarks/gpu_fastpath.py", *argv])
+    suite.Worker, suite.Results = FastWorker, FastResults  # the bench's run, with these runners
+    t0 = time.perf_counter()
+    results = suite.run_suite(cfg, argv=FastResults.command.split(" "), progress=False)
+    for run in results.document()["runs"]:
+        fractions = {k: None if v is None else round(v, 3)
+                     for k, v in run["stage_fraction_of_matmul_peak"].items()}
+        stages = {k: round(v, 1) for k, v in run["stages_ms"].items()}
+        print(f"{run['backend']:<26} batch {run['batch_size']:<2}"
+              f" median {run['latency_ms']['median']:>9.1f} ms"
+              f" speedup vs diffusers fp32 {run['speedup_vs_baseline']:.2f}x,"
+              f" vs diffusers fp16 {run['speedup_vs_diffusers_fp16'] or float('nan'):.2f}x"
+              f" stages_ms {json.dumps(stages)} fraction_of_matmul_peak {json.dumps(fractions)}", flush=True)
+    print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":  # a runner process (see FastWorker)
+        import unclip.bench.worker as worker
+
+        worker.Runner = FastRunner
+        sys.argv = [sys.argv[0], sys.argv[2]]
+        worker.main()
+    else:
+        main(sys.argv[1:])

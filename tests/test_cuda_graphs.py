@@ -1,0 +1,246 @@
+"""The fast path's stage runner, precision policy and options.
+
+On CPU the runner runs its step function uncaptured, in float32, and must give exactly the
+images of the pipeline's plain loops: that checks buffers, noise order, the step counter and the
+guidance buffer without a GPU. The `gpu` tests check capture, half precision and the kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import FAST_STEPS
+from unclip.engine.cuda_graphs import StageRunner
+from unclip.engine.pipeline import Pipeline
+from unclip.errors import UnclipError
+
+PROMPTS = ["a red circle", "a blue square"]
+
+
+def make_pipeline(device="cpu", dtype="fp32", cuda_graphs=False, kernels=False, runner=None,
+                  preset="tiny"):
+    """A pipeline on fresh preset weights (the fast path edits networks in place)."""
+    from unclip.engine.backends.torch_backend import TorchBackend
+    from unclip.engine.fast_path import fast_path
+    from unclip.models.components import build_preset
+    from unclip.models.networks import model_dims
+
+    c = build_preset(preset, seed=0)
+    backend = TorchBackend(c, device)
+    if runner == "uncaptured":  # the CPU oracle: the runner's step function, eagerly, float32
+        return Pipeline(backend, c.tokenizer, model_dims(c), c.schedulers,
+                        stage_runner=StageRunner(backend, capture=False, kernels=kernels))
+    backend, stage_runner = fast_path(backend, dtype, cuda_graphs, kernels)  # fp32 alone: (backend, None)
+    return Pipeline(backend, c.tokenizer, model_dims(c), c.schedulers, stage_runner=stage_runner)
+
+
+SETTINGS = [
+    dict(num_images=1, **FAST_STEPS),  # guided (4 / 8)
+    dict(num_images=2, prior_guidance=1.0, decoder_guidance=1.0, **FAST_STEPS),  # unguided
+    dict(num_images=1, use_prior=False, decoder_guidance=3.0, **FAST_STEPS),  # prior-free
+]
+
+
+@pytest.fixture(scope="module")
+def plain_and_runner():
+    return make_pipeline(), make_pipeline(runner="uncaptured")
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["guided", "unguided", "prior-free"])
+def test_uncaptured_runner_equals_the_plain_loops_on_cpu(plain_and_runner, settings):
+    plain, fast = plain_and_runner
+    expected = plain.generate(PROMPTS, seed=3, output_type="np", **settings)
+    got = fast.generate(PROMPTS, seed=3, output_type="np", **settings)
+    assert np.array_equal(got, expected)  # float32, same operations: identical
+
+
+def test_runner_with_fused_group_norm_reference_equals_the_plain_loops_on_cpu(plain_and_runner):
+    from unclip.engine.fast_path import UNETS
+    from unclip.kernels.group_norm_silu import fuse_group_norm_silu
+
+    plain, _ = plain_and_runner
+    fast = make_pipeline(runner="uncaptured", kernels=True)  # Triton step needs CUDA: reference on CPU
+    assert all(fuse_group_norm_silu(fast.backend.networks[n], use_triton=True) > 0 for n in UNETS)
+    expected = plain.generate(PROMPTS, seed=5, output_type="np", **FAST_STEPS)
+    assert np.array_equal(fast.generate(PROMPTS, seed=5, output_type="np", **FAST_STEPS), expected)
+
+
+def test_runner_buffers_are_cached_per_stage_batch_and_steps(plain_and_runner):
+    _, fast = plain_and_runner
+    runner = fast.stage_runner
+    runner.buffers.clear()
+    fast.generate(PROMPTS, seed=0, output_type="np", **FAST_STEPS)
+    keys = set(runner.buffers)
+    first = {k: b.x for k, b in runner.buffers.items()}
+    fast.generate(PROMPTS[:1] * 2, seed=1, output_type="np", **FAST_STEPS)  # same batch and steps
+    assert set(runner.buffers) == keys and all(runner.buffers[k].x is first[k] for k in keys)
+    assert {k[:3] for k in keys} == {("prior", 2, 3), ("decoder", 2, 4), ("super_res", 2, 2)}
+    fast.generate(PROMPTS[:1], seed=1, output_type="np", **FAST_STEPS)  # a new batch size: new buffers
+    assert len(runner.buffers) == 6
+
+
+def test_half_precision_policy_and_runner_on_cpu_bf16():
+    """bf16 runs on CPU too, so the half path's casts are checked here: networks in bf16, outputs
+    read back as float32, timesteps kept float32, and the runner equal to the plain loops."""
+    from unclip.engine.backends.torch_backend import TorchBackend
+    from unclip.engine.precision import PrecisionBackend
+    from unclip.models.components import build_preset
+    from unclip.models.networks import model_dims
+
+    c = build_preset("tiny", seed=0)
+    backend = PrecisionBackend(TorchBackend(c), "bf16")
+    assert {p.dtype for net in backend.networks.values() for p in net.parameters()} == {torch.bfloat16}
+    seen = {}
+    backend.networks["decoder"].register_forward_pre_hook(
+        lambda _m, args: seen.update(sample=args[0].dtype, timestep=args[1].dtype))
+    plain = Pipeline(backend, c.tokenizer, model_dims(c), c.schedulers)
+    fast = Pipeline(backend, c.tokenizer, model_dims(c), c.schedulers,
+                    stage_runner=StageRunner(backend, capture=False, kernels=False))
+    expected = plain.generate(PROMPTS, seed=3, output_type="np", **FAST_STEPS)
+    assert seen == {"sample": torch.bfloat16, "timestep": torch.float32}
+    assert backend.run("text_encoder", input_ids=torch.ones(1, 77, dtype=torch.long))["text_embeds"].dtype \
+        == torch.float32
+    assert np.array_equal(fast.generate(PROMPTS, seed=3, output_type="np", **FAST_STEPS), expected)
+
+
+class NanDecoder:
+    """A backend whose decoder returns NaN: what an fp16 overflow looks like to the pipeline."""
+
+    def __init__(self, backend):
+        self._backend = backend
+
+    def run(self, network, **inputs):
+        out = self._backend.run(network, **inputs)
+        return {k: torch.full_like(v, float("nan")) for k, v in out.items()} if network == "decoder" else out
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+def test_non_finite_stage_output_names_stage_precision_and_batch(plain_and_runner):
+    plain, _ = plain_and_runner
+    broken = Pipeline(NanDecoder(plain.backend), plain.tokenizer, plain.dims, plain.schedulers)
+    with pytest.raises(UnclipError, match=r"the decoder stage .*precision fp32, batch 2\)"):
+        broken.generate(PROMPTS, seed=0, **FAST_STEPS)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(dtype="fp8"), "unknown --dtype 'fp8'"),
+    (dict(dtype="fp16"), "--dtype fp16 is the GPU fast path and needs --device cuda"),
+    (dict(cuda_graphs=True), "--cuda-graphs is the GPU fast path"),
+    (dict(kernels=True), "--kernels is the GPU fast path"),
+])
+def test_load_rejects_fast_path_options_it_cannot_honour(kwargs, message):
+    import unclip
+
+    with pytest.raises(UnclipError, match=message.replace("(", r"\(")):
+        unclip.load("tiny", **kwargs)
+
+
+def test_cli_generate_fp16_on_cpu_is_one_line_and_exit_1(tmp_path):
+    from click.testing import CliRunner
+
+    from unclip.cli import cli
+
+    result = CliRunner().invoke(cli, ["generate", "a cat", "--model", "tiny", "--dtype", "fp16",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("unclip: error: ") and "needs --device cuda" in lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+# -- GPU -----------------------------------------------------------------------------------------
+
+# Images are compared by their mean absolute difference and the share of values that differ by
+# more than a threshold, not by the maximum: random weights drive many pixels to the clamp at
+# +-1, where one rounding can flip a pixel from 0 to 1 (on CPU, tiny at fp16 vs fp32: mean 3e-4 to
+# 9e-3, max 0.99). (mean bound, threshold, largest share above the threshold):
+# captured vs uncaptured run the same kernels on the same buffers; only cuBLAS/cuDNN algorithm
+# choices may differ inside the graph, so nearly nothing may move
+CAPTURE_TOLERANCE = (1e-3, 1e-2, 1e-3)
+# the fused kernels round differently (GroupNorm+SiLU rounds once, not twice), and guidance 8
+# amplifies that over the decoder's steps
+KERNEL_TOLERANCE = (1e-2, 5e-2, 1e-2)
+# fp16 vs fp32: a different precision, loose
+PRECISION_TOLERANCE = (2e-2, 5e-2, 5e-2)
+
+
+def assert_images_close(got: np.ndarray, expected: np.ndarray, tolerance: tuple[float, float, float]):
+    mean_bound, threshold, share = tolerance
+    diff = np.abs(got.astype(np.float64) - expected)
+    assert np.isfinite(got).all()
+    assert diff.mean() <= mean_bound, f"mean abs difference {diff.mean():.2e} > {mean_bound}"
+    moved = (diff > threshold).mean()
+    assert moved <= share, f"{moved:.2%} of values differ by more than {threshold}"
+
+
+def gpu_images(pipe, batch=2, **settings):
+    prompts = (PROMPTS * batch)[:batch]
+    return pipe.generate(prompts, seed=11, output_type="np", **{**FAST_STEPS, **settings})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_captured_matches_uncaptured_half_precision(dtype, preset):
+    eager = make_pipeline("cuda", dtype, preset=preset)
+    captured = make_pipeline("cuda", dtype, cuda_graphs=True, preset=preset)
+    expected = gpu_images(eager)
+    got = gpu_images(captured)
+    assert_images_close(got, expected, CAPTURE_TOLERANCE)
+    # a replay of the cached graphs gives the same images again, bit for bit
+    assert np.array_equal(gpu_images(captured), got)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_graphs_and_kernels_match_eager_fp16(preset):
+    eager = make_pipeline("cuda", "fp16", preset=preset)
+    fused = make_pipeline("cuda", "fp16", cuda_graphs=True, kernels=True, preset=preset)
+    assert_images_close(gpu_images(fused), gpu_images(eager), KERNEL_TOLERANCE)
+
+
+@pytest.mark.gpu
+def test_fp16_eager_is_close_to_fp32():
+    assert_images_close(gpu_images(make_pipeline("cuda", "fp16")), gpu_images(make_pipeline("cuda", "fp32")),
+                        PRECISION_TOLERANCE)
+
+
+@pytest.mark.gpu
+def test_graph_cache_reuses_graphs_per_stage_batch_and_steps():
+    pipe = make_pipeline("cuda", "fp16", cuda_graphs=True)
+    runner = pipe.stage_runner
+    gpu_images(pipe, batch=1)
+    graphs = {k: b.graph for k, b in runner.buffers.items()}
+    assert len(graphs) == 3 and all(g is not None for g in graphs.values())
+    gpu_images(pipe, batch=1, prior_guidance=2.0, decoder_guidance=5.0)  # new scales: same graphs
+    assert {k: b.graph for k, b in runner.buffers.items()} == graphs
+    assert all(b.replays == 2 for b in runner.buffers.values())
+    gpu_images(pipe, batch=2)  # new batch size: three new graphs
+    assert len(runner.buffers) == 6
+    gpu_images(pipe, batch=1, decoder_steps=5)  # new step count: a new decoder graph
+    assert len(runner.buffers) == 7
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_fp16_overflow_is_an_error_naming_stage_precision_and_batch(cuda_graphs):
+    pipe = make_pipeline("cuda", "fp16", cuda_graphs=cuda_graphs)
+    with torch.no_grad():  # a decoder whose output overflows fp16 (max 65504)
+        pipe.backend.networks["decoder"].net.conv_out.weight.mul_(1e6)
+    with pytest.raises(UnclipError, match=r"the decoder stage .*precision fp16, batch 2\)"):
+        gpu_images(pipe, batch=2)
+
+
+@pytest.mark.gpu
+def test_load_fast_path_through_the_public_api():
+    import unclip
+
+    pipe = unclip.load("tiny", device="cuda", dtype="fp16", cuda_graphs=True, kernels=True)
+    images = pipe.generate("a cat", seed=0, **FAST_STEPS)
+    assert len(images) == 1 and images[0].size == (32, 32)
+    assert pipe.backend.precision == "fp16" and pipe.stage_runner.capture and pipe.stage_runner.kernels

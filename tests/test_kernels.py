@@ -1,0 +1,194 @@
+"""Fused kernels: the torch references against the runtime they replace (CPU), the Triton
+kernels against the references (GPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from unclip.engine.scheduler import SchedulerConfig, scheduler_step, step_table
+from unclip.kernels.group_norm_silu import (
+    GroupNormSiLU,
+    SkipIfActivated,
+    fuse_group_norm_silu,
+    group_norm_silu_reference,
+)
+from unclip.kernels.guidance_step import GuidanceStep, guidance_step_reference
+
+# (sample shape, channels split, guided): prior [B, D]; decoder [B, C, H, W] with eps + variance
+# channels; super-resolution [B, C, H, W] unguided
+SHAPES = [((2, 32), None, True), ((1, 32), None, False), ((2, 3, 8, 8), 3, True),
+          ((3, 3, 8, 8), 3, False), ((1, 3, 16, 16), None, False)]
+CONFIGS = [SchedulerConfig(variance_type=v, prediction_type=p)
+           for v in ("fixed_small_log", "learned_range") for p in ("epsilon", "sample")]
+
+
+def pipeline_update(config, table, i, out, x, z, guidance, channels, guided):
+    """What Pipeline.prior/decoder/super_res do after a network call (copied from its loops)."""
+    c = channels if channels is not None else out.shape[1]
+    if guided:
+        uncond, cond = out.chunk(2)
+        eps = uncond[:, :c] + guidance * (cond[:, :c] - uncond[:, :c])
+        variance = cond[:, c:]
+    else:
+        eps, variance = out[:, :c], out[:, c:]
+    return scheduler_step(config, table, i, eps, x, z,
+                          predicted_variance=variance if variance.shape[1] == c else None)
+
+
+def random_step_inputs(shape, channels, guided, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    out_channels = 2 * channels if channels is not None else shape[1]
+    rows = shape[0] * (2 if guided else 1)
+    out = torch.randn((rows, out_channels, *shape[2:]), generator=g)
+    x = torch.randn(shape, generator=g)
+    noise = torch.randn((steps, *shape), generator=g)
+    noise[-1] = 0  # the runtime's noise buffer holds zeros for the last step (t = 0 adds none)
+    return out, x, noise
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.variance_type}-{c.prediction_type}")
+@pytest.mark.parametrize("shape,channels,guided", SHAPES)
+def test_guidance_step_reference_is_the_pipeline_update_bit_for_bit(config, shape, channels, guided):
+    steps, guidance = 5, 7.5
+    table = step_table(config, steps)
+    out, x, noise = random_step_inputs(shape, channels, guided, steps, seed=len(shape) + steps)
+    spec = GuidanceStep(config, guided=guided, channels=channels)
+    for i in range(steps):  # every step, the noiseless last one included
+        expected = pipeline_update(config, table, i, out, x, noise[i] if table.has_noise[i] else None,
+                                   guidance, channels, guided)
+        got = guidance_step_reference(spec, table, torch.tensor([i]), out, x, noise,
+                                      torch.tensor([guidance]))
+        # same float32 operations in the same order on CPU, so equal to the last bit
+        assert torch.equal(got, expected), (i, (got - expected).abs().max())
+
+
+def test_guidance_step_reference_reads_half_outputs_in_float32():
+    config, steps = CONFIGS[1], 3
+    table = step_table(config, steps)
+    out, x, noise = random_step_inputs((2, 3, 8, 8), 3, True, steps, seed=0)
+    spec = GuidanceStep(config, guided=True, channels=3)
+    half = out.half()
+    got = guidance_step_reference(spec, table, torch.tensor([0]), half, x, noise, torch.tensor([4.0]))
+    expected = pipeline_update(config, table, 0, half.float(), x, noise[0], 4.0, 3, True)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+def fresh_unets() -> tuple[dict, dict, object]:
+    """The tiny preset's UNet adapters (fresh weights: fusion edits modules in place), specs, dims."""
+    from unclip.models.components import build_preset
+    from unclip.models.networks import adapters, model_dims
+    from unclip.specs import network_specs
+
+    c = build_preset("tiny", seed=0)
+    dims = model_dims(c)
+    nets = {k: m.eval() for k, m in adapters(c).items() if k in ("decoder", "super_res_first")}
+    return nets, network_specs(dims), dims
+
+
+def test_group_norm_silu_fusion_keeps_the_unet_output_identical_on_cpu():
+    from unclip.specs import example_inputs
+
+    nets, specs, dims = fresh_unets()
+    for name, adapter in nets.items():
+        fused = copy.deepcopy(adapter)
+        count = fuse_group_norm_silu(fused, use_triton=True)  # on CPU the torch reference runs
+        # each resnet fuses norm1; norm2 only without scale-shift; plus the UNet's output norm
+        resnets = [m for m in adapter.modules() if type(m).__name__ == "ResnetBlock2D"]
+        assert resnets
+        assert count == sum(1 if r.time_embedding_norm == "scale_shift" else 2 for r in resnets) + 1
+        inputs = example_inputs(specs[name], dims, 2, torch.Generator().manual_seed(0)).values()
+        with torch.inference_mode():
+            assert torch.equal(fused(*inputs), adapter(*inputs)), name
+
+
+def test_skip_if_activated_applies_silu_to_other_tensors():
+    norm = GroupNormSiLU(torch.nn.GroupNorm(2, 4), use_triton=False)
+    act = SkipIfActivated(torch.nn.SiLU(), [norm])
+    x = torch.randn(1, 4, 3, 3)
+    y = norm(x)
+    assert act(y) is y  # the fused norm's own output passes through once
+    assert torch.equal(act(y), torch.nn.functional.silu(y))  # consumed: a second call activates
+    other = torch.randn(2, 8)
+    assert torch.equal(act(other), torch.nn.functional.silu(other))
+
+
+# -- GPU: the Triton kernels against the references ---------------------------------------------
+
+
+# plus Karlo's shapes at batch 8: prior, decoder, super-resolution
+GPU_SHAPES = SHAPES + [((8, 768), None, True), ((8, 3, 64, 64), 3, True), ((8, 3, 256, 256), None, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.variance_type}-{c.prediction_type}")
+@pytest.mark.parametrize("shape,channels,guided", GPU_SHAPES)
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
+def test_guidance_step_triton_matches_reference(config, shape, channels, guided, out_dtype):
+    from unclip.kernels.guidance_step import guidance_step_triton
+
+    steps = 4
+    table = step_table(config, steps).to("cuda")
+    out, x, noise = (t.cuda() for t in random_step_inputs(shape, channels, guided, steps, seed=1))
+    out = out.to(out_dtype)
+    spec = GuidanceStep(config, guided=guided, channels=channels)
+    guidance = torch.tensor([6.0], device="cuda")
+    for i in range(steps):
+        step = torch.tensor([i], device="cuda")
+        expected = guidance_step_reference(spec, table, step, out, x, noise, guidance)
+        got = guidance_step_triton(spec, table, step, out, x, noise, guidance)
+        # float32 both; Triton may contract a*b+c into one FMA and uses a fast exp: a few ulp
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    in_place, step = x.clone(), torch.tensor([0], device="cuda")
+    guidance_step_triton(spec, table, step, out, in_place, noise, guidance, out=in_place)
+    expected = guidance_step_reference(spec, table, step, out, x, noise, guidance)
+    torch.testing.assert_close(in_place, expected, rtol=1e-5, atol=1e-5)
+
+
+# tolerance per dtype against the float32 reference of the same input: the output's own rounding
+# (fp16 ~1e-3, bf16 ~8e-3 relative) plus one-pass vs Welford statistics in float32
+# tiny, Karlo's decoder and super-resolution activations, and an odd size (masked tail)
+GN_SHAPES = [((2, 32, 16, 16), 8), ((2, 320, 64, 64), 32), ((1, 640, 32, 32), 32), ((16, 1280, 8, 8), 32),
+             ((2, 320, 256, 256), 32), ((3, 96, 5, 7), 32)]
+GN_TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 1e-2), torch.bfloat16: (3e-2, 2e-2)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(GN_TOLERANCE))
+@pytest.mark.parametrize("shape,groups", GN_SHAPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_silu_triton_matches_reference(dtype, shape, groups, affine):
+    from unclip.kernels.group_norm_silu import group_norm_silu_triton
+
+    g = torch.Generator("cuda").manual_seed(0)
+    x = (torch.randn(shape, device="cuda", generator=g) * 3 + 0.5).to(dtype)
+    c = shape[1]
+    weight = torch.randn(c, device="cuda", generator=g).to(dtype) if affine else None
+    bias = torch.randn(c, device="cuda", generator=g).to(dtype) if affine else None
+    expected = group_norm_silu_reference(x.float(), groups, None if weight is None else weight.float(),
+                                         None if bias is None else bias.float(), 1e-5)
+    got = group_norm_silu_triton(x, groups, weight, bias, 1e-5)
+    atol, rtol = GN_TOLERANCE[dtype]
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_group_norm_silu_triton_inside_the_unets(dtype):
+    from unclip.specs import example_inputs
+
+    nets, specs, dims = fresh_unets()
+    for name, adapter in nets.items():
+        adapter = adapter.cuda().to(dtype)
+        fused = copy.deepcopy(adapter)
+        fuse_group_norm_silu(fused, use_triton=True)
+        inputs = [t.cuda().to(dtype) if t.is_floating_point() and n != "timestep" else t.cuda()
+                  for n, t in example_inputs(specs[name], dims, 2, torch.Generator().manual_seed(0)).items()]
+        with torch.inference_mode():
+            expected, got = adapter(*inputs).float(), fused(*inputs).float()
+        # half network: the fused norm rounds once where the pair rounds twice; 5e-2 covers a few
+        # half ulps at the output's magnitude (~1-4) after a dozen norms
+        torch.testing.assert_close(got, expected, atol=5e-2, rtol=5e-2)

@@ -1,0 +1,144 @@
+"""The fast denoising loop: a whole stage as one CUDA graph on static buffers.
+
+On a GPU a 64x64 decoder step at batch 1 is hundreds of small kernel launches, so launch
+overhead, not arithmetic, sets the latency. Here each stage's loop (network call, guidance
+combine, scheduler update, noise add — for every step) is captured once into a
+`torch.cuda.CUDAGraph` and replayed. That needs every step to be a pure function of buffers
+that live at fixed addresses, allocated once per (stage, batch size, steps):
+
+  x          [B, ...] float32 latents, updated in place by each step
+  noise      [N, B, ...] float32 noise for every step, drawn up front by the pipeline (zeros on the
+             last step, which adds none)
+  step       [1] int64 step counter on the device; each step reads its timestep, coefficients
+             and noise at `step`, then increments it (no host round trip)
+  guidance   [1] float32 guidance scale (a new scale needs no new graph)
+  conditioning  the stage's other network inputs (text embeddings, decoder tokens, low-res image)
+
+`StageRunner(capture=False)` runs the same step function eagerly: the fused kernels without
+graphs, and on CPU the oracle that the tests compare with the pipeline's plain loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from unclip.engine.scheduler import SchedulerConfig, StepTable
+from unclip.kernels.guidance_step import GuidanceStep, guidance_step_reference, guidance_step_triton
+
+
+@dataclass
+class StageBuffers:
+    x: torch.Tensor
+    noise: torch.Tensor
+    step: torch.Tensor
+    guidance: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
+    table: StepTable
+    graph: torch.cuda.CUDAGraph | None = None
+    replays: int = field(default=0)
+
+
+class StageRunner:
+    """Runs a stage's denoising loop on cached static buffers, captured as a CUDA graph if asked.
+
+    `backend` is the torch backend (a PrecisionBackend in half precision); `kernels` selects the
+    Triton fused step instead of its torch reference.
+    """
+
+    def __init__(self, backend, capture: bool, kernels: bool):
+        self.backend = backend
+        self.capture = capture
+        self.kernels = kernels
+        self.dtype = getattr(backend, "dtype", torch.float32)
+        self.buffers: dict[tuple, StageBuffers] = {}  # keyed by (stage, batch, steps, guided)
+        self._pool = None  # one memory pool for all graphs: they are never replayed concurrently
+
+    def denoise(self, stage: str, x: torch.Tensor, noise: list[torch.Tensor | None],
+                config: SchedulerConfig, table: StepTable, networks: list[str],
+                conditioning: dict[str, torch.Tensor], guidance: float | None = None,
+                channels: int | None = None) -> torch.Tensor:
+        """The stage's final latents, from initial latents `x` and per-step `noise`; `networks`
+        names the network of each step; `channels` splits a decoder's eps from its variance."""
+        spec = GuidanceStep(config, guided=guidance is not None, channels=channels)
+        key = (stage, x.shape[0], len(networks), spec.guided)
+        buffers = self.buffers.get(key)
+        if buffers is None:
+            buffers = self.buffers[key] = self._allocate(x, noise, table, conditioning)
+        self._load(buffers, x, noise, conditioning, guidance)
+        if not self.capture:
+            self._steps(buffers, spec, networks)
+        else:
+            if buffers.graph is None:
+                self._capture(buffers, spec, networks)
+                self._load(buffers, x, noise, conditioning, guidance)  # capture ran the loop once
+            buffers.graph.replay()
+            buffers.replays += 1
+        return buffers.x.clone()
+
+    # -- buffers --------------------------------------------------------------------------------
+
+    def _allocate(self, x: torch.Tensor, noise: list, table: StepTable,
+                  conditioning: dict[str, torch.Tensor]) -> StageBuffers:
+        device = x.device
+        half = {k: torch.empty_like(v, dtype=self.dtype if v.is_floating_point() else v.dtype)
+                for k, v in conditioning.items()}
+        return StageBuffers(
+            x=torch.empty_like(x, dtype=torch.float32),
+            noise=torch.zeros((len(noise), *x.shape), dtype=torch.float32, device=device),
+            step=torch.zeros(1, dtype=torch.int64, device=device),
+            guidance=torch.ones(1, dtype=torch.float32, device=device),
+            conditioning=half,
+            table=_copy_table(table.to(device)),
+        )
+
+    def _load(self, b: StageBuffers, x: torch.Tensor, noise: list, conditioning: dict[str, torch.Tensor],
+              guidance: float | None) -> None:
+        b.x.copy_(x)
+        for i, z in enumerate(noise):
+            if z is None:
+                b.noise[i].zero_()
+            else:
+                b.noise[i].copy_(z)
+        for k, v in conditioning.items():
+            b.conditioning[k].copy_(v)
+        b.guidance.fill_(1.0 if guidance is None else guidance)
+        b.step.zero_()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _steps(self, b: StageBuffers, spec: GuidanceStep, networks: list[str]) -> None:
+        run = getattr(self.backend, "run_native", self.backend.run)  # half outputs for the fused step
+        for network in networks:
+            x_in = torch.cat([b.x, b.x]) if spec.guided else b.x
+            timestep = b.table.timesteps.index_select(0, b.step).expand(x_in.shape[0])
+            out = run(network, sample=x_in, timestep=timestep, **b.conditioning)
+            model_output = next(iter(out.values()))  # prior, decoder and super-res have one output
+            if self.kernels and b.x.is_cuda:
+                guidance_step_triton(spec, b.table, b.step, model_output.contiguous(), b.x, b.noise,
+                                     b.guidance, out=b.x)
+            else:
+                b.x.copy_(guidance_step_reference(spec, b.table, b.step, model_output, b.x, b.noise,
+                                                  b.guidance))
+            b.step.add_(1)
+
+    def _capture(self, b: StageBuffers, spec: GuidanceStep, networks: list[str]) -> None:
+        # Warm-up on a side stream first, as torch's CUDA-graph notes ask: it creates cuBLAS and
+        # cuDNN workspaces, compiles the Triton kernels and settles the caching allocator.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._steps(b, spec, networks)
+        torch.cuda.current_stream().wait_stream(side)
+        b.step.zero_()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        b.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(b.graph, pool=self._pool):
+            self._steps(b, spec, networks)
+
+
+def _copy_table(table: StepTable) -> StepTable:
+    """The runner's own copy: the graph reads these addresses, whoever owns the original."""
+    return StepTable(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(table).items()})

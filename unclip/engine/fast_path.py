@@ -1,0 +1,27 @@
+"""The GPU fast path, assembled in one place from three named options (`unclip.load`).
+
+  dtype="fp16"|"bf16"  PrecisionBackend: half weights and activations, float32 scheduler (precision.py)
+  cuda_graphs=True     each stage's whole loop captured once as a CUDA graph and replayed (cuda_graphs.py)
+  kernels=True         Triton: GroupNorm+SiLU in the UNets, guidance+scheduler+noise in one step kernel
+                       (unclip/kernels/)
+"""
+
+from __future__ import annotations
+
+from unclip.engine.cuda_graphs import StageRunner
+from unclip.engine.precision import PrecisionBackend
+
+UNETS = ("decoder", "super_res_first", "super_res_last")  # the networks built of resnet blocks
+
+
+def fast_path(backend, dtype: str, cuda_graphs: bool, kernels: bool):
+    """(backend, stage runner or None) for a TorchBackend; options are checked by the caller."""
+    if dtype != "fp32":
+        backend = PrecisionBackend(backend, dtype)
+    if kernels:
+        from unclip.kernels.group_norm_silu import fuse_group_norm_silu
+
+        for name in UNETS:
+            fuse_group_norm_silu(backend.networks[name], use_triton=True)
+    runner = StageRunner(backend, capture=cuda_graphs, kernels=kernels) if cuda_graphs or kernels else None
+    return backend, runner

@@ -9,14 +9,15 @@ from unclip.errors import UnclipError
 __version__ = "0.1.0"
 __all__ = ["UnclipError", "load", "__version__"]
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime")
 
 
 def load(model: str | Path = "tiny", backend: str = "torch", device: str = "cpu",
          allow_pickle: bool = False, dtype: str = "fp32", cuda_graphs: bool = False, kernels: bool = False):
     """Load a model once for many `generate` calls.
 
-    `model` is a checkpoint folder (diffusers UnCLIPPipeline layout) or a preset name.
+    `model` is a checkpoint folder (diffusers UnCLIPPipeline layout) or a preset name; with
+    backend="onnxruntime" it is an artifact folder made by `unclip export onnx`.
     `dtype`, `cuda_graphs` and `kernels` switch on the GPU fast path of the torch backend
     (unclip.engine.fast_path; docs/README-gpu.md).
     """
@@ -34,6 +35,10 @@ def load(model: str | Path = "tiny", backend: str = "torch", device: str = "cpu"
     if not (device == "cpu" or device.startswith("cuda")):
         raise UnclipError(f"unknown device {device!r}: use cpu or cuda")
     _check_fast_path(backend, device, dtype, cuda_graphs, kernels)
+    if backend == "onnxruntime":  # serves from the artifact: no diffusers/transformers imports
+        from unclip.engine.backends.onnxruntime_backend import load_onnxruntime_pipeline
+
+        return load_onnxruntime_pipeline(model, device)
     components = load_model(model, allow_pickle=allow_pickle)
     from unclip.engine.backends.torch_backend import TorchBackend
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from unclip.errors import UnclipError
+from unclip.export.cli import export
 from unclip.models import DEFAULT_MODEL
 
 MODEL_HELP = "checkpoint folder (diffusers UnCLIPPipeline layout) or preset: tiny, small, karlo"
@@ -95,7 +96,8 @@ def write_images(images: list, out: Path, metadata: list[dict[str, str]]) -> lis
 @cli.command()
 @click.argument("prompts", nargs=-1, required=True)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
-@click.option("--backend", default="torch", show_default=True, help="torch")
+@click.option("--backend", default="torch", show_default=True,
+              help="torch, or onnxruntime (then --model is a folder made by `unclip export onnx`)")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--dtype", default="fp32", show_default=True,
               help="fp32, or fp16/bf16 on cuda (half networks, float32 scheduler)")
@@ -174,6 +176,9 @@ def info(model: str) -> None:
     click.echo(f"  {'total':<16} {sum(counts.values()):>15,d} parameters")
     for key, value in model_dims(components).to_dict().items():
         click.echo(f"  {key:<16} {value}")
+
+
+cli.add_command(export)
 
 
 def main() -> None:

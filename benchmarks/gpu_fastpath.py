@@ -13,6 +13,7 @@ backends by name) does not name:
   torch-fp16-graphs-kernels    ours, fp16, graphs + Triton GroupNorm+SiLU and fused guidance step
   torch-fp16-graphs-gn         ours, fp16, graphs + the GroupNorm+SiLU kernel alone   } each kernel is
   torch-fp16-graphs-step       ours, fp16, graphs + the fused guidance step alone     } kept only if faster
+(`--dtype bf16` runs the same set in bf16, should fp16 overflow on random weights.)
 
 Inside a graph the network calls of a stage cannot be timed one by one, so the graph runners
 record one timed call per stage loop; their per-stage FLOPs are taken from torch-fp16 (the same
@@ -38,18 +39,26 @@ import torch
 from unclip.bench import suite
 from unclip.bench.results import Results
 from unclip.bench.worker import BASELINE, Runner
+from unclip.engine.precision import DTYPES
 from unclip.engine.profiling import matmul_peak_tflops
+from unclip.errors import UnclipError
 from unclip.models.components import NETWORKS
 
-RUNNERS = {
-    "diffusers-fp16": dict(diffusers_dtype="fp16"),
-    "torch-fp16": dict(dtype="fp16", cuda_graphs=False, kernels=False),
-    "torch-fp16-graphs": dict(dtype="fp16", cuda_graphs=True, kernels=False),
-    "torch-fp16-graphs-kernels": dict(dtype="fp16", cuda_graphs=True, kernels=True),
-    "torch-fp16-graphs-gn": dict(dtype="fp16", cuda_graphs=True, kernels=False, only="group_norm_silu"),
-    "torch-fp16-graphs-step": dict(dtype="fp16", cuda_graphs=True, kernels=False, only="guidance_step"),
-}
-EAGER_TWIN = "torch-fp16"  # counts the per-call FLOPs that the graph runners' stages also do
+RUNNERS = ("diffusers-{dtype}", "torch-{dtype}", "torch-{dtype}-graphs", "torch-{dtype}-graphs-kernels",
+           "torch-{dtype}-graphs-gn", "torch-{dtype}-graphs-step")
+FLAGS = {"graphs", "kernels", "gn", "step"}
+
+
+def runner_options(name: str) -> dict | None:
+    """What a runner name asks for (the name is all a worker process is told); None: not ours."""
+    base, _, rest = name.partition("-")
+    dtype, *flags = rest.split("-")
+    if base not in ("diffusers", "torch") or dtype not in ("fp16", "bf16") or not set(flags) <= FLAGS:
+        return None
+    if base == "diffusers":
+        return None if flags else {"diffusers_dtype": dtype}
+    only = "group_norm_silu" if "gn" in flags else "guidance_step" if "step" in flags else None
+    return dict(dtype=dtype, cuda_graphs="graphs" in flags, kernels="kernels" in flags, only=only)
 
 
 class TimedStageRunner:
@@ -74,7 +83,7 @@ class FastRunner(Runner):
     """unclip bench's runner, plus the runners of RUNNERS."""
 
     def load(self) -> None:
-        options = RUNNERS.get(self.kind)
+        options = runner_options(self.kind)
         if options is None:
             return super().load()
         if "diffusers_dtype" in options:
@@ -82,8 +91,9 @@ class FastRunner(Runner):
             from unclip.models import load_model
 
             self.components = load_model(self.spec["model"])
-            for name in NETWORKS:
-                getattr(self.components, name).half()  # before .to(cuda): no fp32 copy on the GPU
+            dtype = DTYPES[options["diffusers_dtype"]]
+            for name in NETWORKS:  # cast before .to(cuda): no fp32 copy on the GPU
+                getattr(self.components, name).to(dtype)
             self.pipe = diffusers_pipeline(self.components, self.spec["device"])
             attach_timeline(self.pipe, self.timeline)
             return None
@@ -92,8 +102,7 @@ class FastRunner(Runner):
         from unclip.engine.profiling import TimedBackend
         from unclip.kernels.group_norm_silu import fuse_group_norm_silu
 
-        options = dict(options)
-        only = options.pop("only", None)  # one kernel alone, switched on here as fast_path would
+        only = options.pop("only")  # one kernel alone, switched on here as fast_path would
         self.pipe = unclip.load(self.spec["model"], device=self.spec["device"], **options)
         if only == "group_norm_silu":
             for name in UNETS:
@@ -106,7 +115,7 @@ class FastRunner(Runner):
         return None
 
     def generate(self, batch: int) -> list:
-        if "diffusers_dtype" in RUNNERS.get(self.kind, {}):
+        if "diffusers_dtype" in (runner_options(self.kind) or {}):
             from unclip.bench.baseline import generate
 
             return generate(self.pipe, [self.spec["prompt"]] * batch, self.spec["seed"], self.settings)
@@ -145,21 +154,25 @@ class FastResults(Results):
     """unclip bench's results, with the graph runners' stage FLOPs taken from their eager twin."""
 
     command = ""
+    dtype = "fp16"
 
-    def __init__(self, header: dict, *args, **kwargs):
+    def __init__(self, header: dict, baseline: str, backends: list[str], *args, **kwargs):
         header["command"] = FastResults.command
         header["settings"]["dtype"] = "per runner, see runner_options"
-        header["runner_options"] = {BASELINE: {"diffusers_dtype": "fp32"}, **RUNNERS}
-        super().__init__(header, *args, **kwargs)
+        header["runner_options"] = {BASELINE: {"diffusers_dtype": "fp32"},
+                                    **{name: runner_options(name) for name in backends}}
+        super().__init__(header, baseline, backends, *args, **kwargs)
 
     def run(self, runner: str, batch: int) -> dict:
         out = super().run(runner, batch)
-        fp16 = self.samples.get(("diffusers-fp16", batch))  # the issue's acceptance compares with this
-        out["speedup_vs_diffusers_fp16"] = (float(np.median([s["latency_ms"] for s in fp16]))
-                                            / out["latency_ms"]["median"] if fp16 else None)
-        if not RUNNERS.get(runner, {}).get("cuda_graphs"):
+        # the issue's acceptance compares with diffusers in half precision
+        half = self.samples.get((f"diffusers-{self.dtype}", batch))
+        out[f"speedup_vs_diffusers_{self.dtype}"] = (float(np.median([s["latency_ms"] for s in half]))
+                                                     / out["latency_ms"]["median"] if half else None)
+        if not (runner_options(runner) or {}).get("cuda_graphs"):
             return out
-        twin = super().run(EAGER_TWIN, batch) if (EAGER_TWIN, batch) in self.samples else None
+        twin_name = f"torch-{self.dtype}"  # eager: counts the per-call FLOPs that the graph stages also do
+        twin = super().run(twin_name, batch) if (twin_name, batch) in self.samples else None
         peak = self.matmul_peak["tflops"] if self.matmul_peak else None
         for stage, ms in out["stages_ms"].items():
             if stage not in out["stage_gflop"]:
@@ -171,7 +184,7 @@ class FastResults(Results):
             fraction = None if tflops is None or not peak else tflops / peak
             out["stage_fraction_of_matmul_peak"][stage] = fraction
         out["networks"] = {}  # one timed call per stage loop: network calls are not separable in a graph
-        out["stage_flops_from"] = EAGER_TWIN
+        out["stage_flops_from"] = twin_name
         return out
 
 
@@ -181,7 +194,8 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="karlo", help="preset or checkpoint folder")
     parser.add_argument("--batch-sizes", default="1,8")
-    parser.add_argument("--runners", default=",".join(RUNNERS), help="runners above, comma-separated")
+    parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
+    parser.add_argument("--runners", default=None, help="runners above, comma-separated (default: all)")
     parser.add_argument("--prior-steps", type=int, default=25)
     parser.add_argument("--decoder-steps", type=int, default=25)
     parser.add_argument("--super-res-steps", type=int, default=7)
@@ -189,8 +203,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    runners = tuple(r for r in args.runners.split(",") if r)
-    unknown = [r for r in runners if r not in RUNNERS]
+    runners = tuple(r for r in (args.runners or ",".join(RUNNERS).format(dtype=args.dtype)).split(",") if r)
+    unknown = [r for r in runners if runner_options(r) is None]
     if unknown or not torch.cuda.is_available():
         sys.exit(f"gpu_fastpath: unknown runners {unknown}" if unknown else "gpu_fastpath: needs a CUDA GPU")
     cfg = BenchConfig(model=args.model, backends=runners, device="cuda",
@@ -199,9 +213,13 @@ def main(argv: list[str]) -> None:
                       super_res_steps=args.super_res_steps, warmup=args.warmup, repeat=args.repeat,
                       out=args.out, plots=False)
     FastResults.command = shlex.join(["python", "benchmarks/gpu_fastpath.py", *argv])
+    FastResults.dtype = args.dtype
     suite.Worker, suite.Results = FastWorker, FastResults  # the bench's run, with these runners
     t0 = time.perf_counter()
-    results = suite.run_suite(cfg, argv=FastResults.command.split(" "), progress=False)
+    try:
+        results = suite.run_suite(cfg, argv=FastResults.command.split(" "), progress=False)
+    except UnclipError as exc:  # a runner failed (its message names it); what was measured is in --out
+        sys.exit(f"gpu_fastpath: {exc}")
     for run in results.document()["runs"]:
         fractions = {k: None if v is None else round(v, 3)
                      for k, v in run["stage_fraction_of_matmul_peak"].items()}
@@ -209,7 +227,7 @@ def main(argv: list[str]) -> None:
         print(f"{run['backend']:<26} batch {run['batch_size']:<2}"
               f" median {run['latency_ms']['median']:>9.1f} ms"
               f" speedup vs diffusers fp32 {run['speedup_vs_baseline']:.2f}x,"
-              f" vs diffusers fp16 {run['speedup_vs_diffusers_fp16'] or float('nan'):.2f}x"
+              f" vs diffusers {args.dtype} {run[f'speedup_vs_diffusers_{args.dtype}'] or float('nan'):.2f}x"
               f" stages_ms {json.dumps(stages)} fraction_of_matmul_peak {json.dumps(fractions)}", flush=True)
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s", flush=True)
 

@@ -131,6 +131,7 @@ def test_non_finite_stage_output_names_stage_precision_and_batch(plain_and_runne
     (dict(dtype="fp16"), "--dtype fp16 is the GPU fast path and needs --device cuda"),
     (dict(cuda_graphs=True), "--cuda-graphs is the GPU fast path"),
     (dict(kernels=True), "--kernels is the GPU fast path"),
+    (dict(backend="onnxruntime", dtype="bf16"), "--dtype bf16 applies to --backend torch only"),
 ])
 def test_load_rejects_fast_path_options_it_cannot_honour(kwargs, message):
     import unclip

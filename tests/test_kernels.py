@@ -189,6 +189,7 @@ def test_group_norm_silu_triton_inside_the_unets(dtype):
                   for n, t in example_inputs(specs[name], dims, 2, torch.Generator().manual_seed(0)).items()]
         with torch.inference_mode():
             expected, got = adapter(*inputs).float(), fused(*inputs).float()
-        # half network: the fused norm rounds once where the pair rounds twice; 5e-2 covers a few
-        # half ulps at the output's magnitude (~1-4) after a dozen norms
-        torch.testing.assert_close(got, expected, atol=5e-2, rtol=5e-2)
+        # half network: the fused norm rounds once where the pair rounds twice; this covers a few
+        # ulps at the output's magnitude (~1-4) after a dozen norms (bf16 has 3 mantissa bits fewer)
+        tolerance = 5e-2 if dtype == torch.float16 else 2e-1
+        torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)

@@ -9,7 +9,7 @@ SiLU to anything else (the resnet's shared activation also serves the time embed
 The network code itself is untouched.
 
 `group_norm_silu_reference` is the unfused torch pair (the CPU path: bit-identical to the
-original modules); `group_norm_silu_triton` is the CUDA kernel, statistics in float32.
+original modules); `group_norm_silu_triton` is the CUDA version (two kernels), statistics in float32.
 """
 
 from __future__ import annotations
@@ -31,25 +31,41 @@ def group_norm_silu_reference(x: torch.Tensor, groups: int, weight: torch.Tensor
 
 
 if triton is not None:
+    # Two passes, each over (sample, group, chunk) programs so that a large group (Karlo's
+    # super-resolution: 10 channels x 256^2 per group) is spread over many SMs: pass 1 writes
+    # each chunk's float32 sum and sum of squares; pass 2 reduces its group's partial sums and
+    # normalises, scales, shifts and applies SiLU to its chunk.
 
     @triton.jit
-    def _group_norm_silu_kernel(x_ptr, w_ptr, b_ptr, y_ptr, group_size, hw, channels_per_group,
-                                channels, eps, HAS_AFFINE: tl.constexpr, BLOCK: tl.constexpr):
-        # one program per (sample, group); a group is `group_size` contiguous elements (NCHW)
-        pid = tl.program_id(0)
-        base = pid.to(tl.int64) * group_size
-        first_channel = (pid % (channels // channels_per_group)) * channels_per_group
+    def _group_partial_sums_kernel(x_ptr, sums_ptr, group_size, chunks, CHUNK: tl.constexpr,
+                                   BLOCK: tl.constexpr):
+        group, chunk = tl.program_id(0), tl.program_id(1)
+        base = group.to(tl.int64) * group_size
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         acc_sq = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, group_size, BLOCK):
+        for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             v = tl.load(x_ptr + base + offs, mask=offs < group_size, other=0.0).to(tl.float32)
             acc += v
             acc_sq += v * v
-        mean = tl.sum(acc, axis=0) / group_size
-        var = tl.maximum(tl.sum(acc_sq, axis=0) / group_size - mean * mean, 0.0)
-        rstd = 1.0 / tl.sqrt(var + eps)
-        for start in range(0, group_size, BLOCK):
+        out = sums_ptr + (group * chunks + chunk) * 2
+        tl.store(out, tl.sum(acc, axis=0))
+        tl.store(out + 1, tl.sum(acc_sq, axis=0))
+
+    @triton.jit
+    def _group_norm_silu_kernel(x_ptr, w_ptr, b_ptr, y_ptr, sums_ptr, group_size, hw, channels_per_group,
+                                groups, chunks, eps, HAS_AFFINE: tl.constexpr, CHUNK: tl.constexpr,
+                                BLOCK: tl.constexpr, MAX_CHUNKS: tl.constexpr):
+        group, chunk = tl.program_id(0), tl.program_id(1)
+        parts = tl.arange(0, MAX_CHUNKS)
+        partial = sums_ptr + (group * chunks + parts) * 2
+        total = tl.sum(tl.load(partial, mask=parts < chunks, other=0.0), axis=0)
+        total_sq = tl.sum(tl.load(partial + 1, mask=parts < chunks, other=0.0), axis=0)
+        mean = total / group_size
+        rstd = 1.0 / tl.sqrt(tl.maximum(total_sq / group_size - mean * mean, 0.0) + eps)
+        base = group.to(tl.int64) * group_size
+        first_channel = (group % groups) * channels_per_group
+        for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < group_size
             v = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -64,15 +80,21 @@ if triton is not None:
 
 def group_norm_silu_triton(x: torch.Tensor, groups: int, weight: torch.Tensor | None,
                            bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """silu(group_norm(x)) for a contiguous NC... tensor on CUDA, in one kernel."""
+    """silu(group_norm(x)) for a contiguous NC... tensor on CUDA, in two kernels."""
     n, c = x.shape[:2]
     hw = x.numel() // (n * c)
     y = torch.empty_like(x)
     group_size = (c // groups) * hw
-    block = min(4096, triton.next_power_of_2(group_size))
-    _group_norm_silu_kernel[(n * groups,)](
-        x, weight if weight is not None else x, bias if bias is not None else x, y,
-        group_size, hw, c // groups, c, eps, HAS_AFFINE=weight is not None, BLOCK=block)
+    block = min(1024, triton.next_power_of_2(group_size))
+    chunk = max(block, min(16384, triton.next_power_of_2(group_size)))  # a multiple of block
+    chunks = triton.cdiv(group_size, chunk)
+    sums = torch.empty((n * groups, chunks, 2), dtype=torch.float32, device=x.device)
+    grid = (n * groups, chunks)
+    _group_partial_sums_kernel[grid](x, sums, group_size, chunks, CHUNK=chunk, BLOCK=block)
+    _group_norm_silu_kernel[grid](
+        x, weight if weight is not None else x, bias if bias is not None else x, y, sums,
+        group_size, hw, c // groups, groups, chunks, eps, HAS_AFFINE=weight is not None,
+        CHUNK=chunk, BLOCK=block, MAX_CHUNKS=triton.next_power_of_2(chunks))
     return y
 
 

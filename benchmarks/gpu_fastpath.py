@@ -13,7 +13,9 @@ backends by name) does not name:
   torch-fp16-graphs-kernels    ours, fp16, graphs + Triton GroupNorm+SiLU and fused guidance step
   torch-fp16-graphs-gn         ours, fp16, graphs + the GroupNorm+SiLU kernel alone   } each kernel is
   torch-fp16-graphs-step       ours, fp16, graphs + the fused guidance step alone     } kept only if faster
-(`--dtype bf16` runs the same set in bf16, should fp16 overflow on random weights.)
+(`--dtype bf16` runs the same set in bf16, should fp16 overflow on random weights.) Not run unless
+named in --runners: torch-fp16-graphs-cl, the UNets in channels-last memory format, which
+precision.py leaves off until it measures faster.
 
 Inside a graph the network calls of a stage cannot be timed one by one, so the graph runners
 record one timed call per stage loop; their per-stage FLOPs are taken from torch-fp16 (the same
@@ -46,7 +48,7 @@ from unclip.models.components import NETWORKS
 
 RUNNERS = ("diffusers-{dtype}", "torch-{dtype}", "torch-{dtype}-graphs", "torch-{dtype}-graphs-kernels",
            "torch-{dtype}-graphs-gn", "torch-{dtype}-graphs-step")
-FLAGS = {"graphs", "kernels", "gn", "step"}
+FLAGS = {"graphs", "kernels", "gn", "step", "cl"}
 
 
 def runner_options(name: str) -> dict | None:
@@ -58,7 +60,8 @@ def runner_options(name: str) -> dict | None:
     if base == "diffusers":
         return None if flags else {"diffusers_dtype": dtype}
     only = "group_norm_silu" if "gn" in flags else "guidance_step" if "step" in flags else None
-    return dict(dtype=dtype, cuda_graphs="graphs" in flags, kernels="kernels" in flags, only=only)
+    return dict(dtype=dtype, cuda_graphs="graphs" in flags, kernels="kernels" in flags, only=only,
+                channels_last="cl" in flags)
 
 
 class TimedStageRunner:
@@ -103,7 +106,11 @@ class FastRunner(Runner):
         from unclip.kernels.group_norm_silu import fuse_group_norm_silu
 
         only = options.pop("only")  # one kernel alone, switched on here as fast_path would
+        channels_last = options.pop("channels_last")
         self.pipe = unclip.load(self.spec["model"], device=self.spec["device"], **options)
+        if channels_last:  # 4-D weights only; activations follow the convolutions' weights
+            for name in UNETS:
+                self.pipe.backend.networks[name].to(memory_format=torch.channels_last)
         if only == "group_norm_silu":
             for name in UNETS:
                 fuse_group_norm_silu(self.pipe.backend.networks[name], use_triton=True)

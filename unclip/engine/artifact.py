@@ -45,7 +45,11 @@ def load_artifact(folder: str | Path) -> Artifact:
     folder = Path(folder)
     manifest = layout.read_manifest(folder)
     layout.verify_files(folder, manifest)
-    dims = ModelDims(**_read_config(folder, layout.MODEL_DIMS))
+    try:
+        dims = ModelDims(**_read_config(folder, layout.MODEL_DIMS))
+    except TypeError as exc:  # written by another unclip version
+        raise UnclipError(f"{folder / layout.MODEL_DIMS} does not match this unclip ({exc}); "
+                          f"{layout.REEXPORT_HINT}") from None
     for name, spec in network_specs(dims).items():
         entry = layout.network_entry(manifest, folder, name)
         layout.verify_file(folder, entry["file"], entry["sha256"])

@@ -79,7 +79,7 @@ def export_onnx(model: str | Path, out: str | Path, precision: str = "fp32", ops
             "format": layout.FORMAT, "format_version": layout.FORMAT_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "precision": precision, "opset": opset,
-            "source_model": {"name": str(model), "weights_sha256": weights_sha256(components)},
+            "source_model": {"name": components.name, "weights_sha256": weights_sha256(components)},
             "tools": tool_versions(),
             "validation": {"batch_sizes": list(batch_sizes), "tolerance": TOLERANCE[precision],
                            "rule": "max_abs <= tolerance * max(1, max|torch|); "

@@ -245,3 +245,41 @@ def test_load_fast_path_through_the_public_api():
     images = pipe.generate("a cat", seed=0, **FAST_STEPS)
     assert len(images) == 1 and images[0].size == (32, 32)
     assert pipe.backend.precision == "fp16" and pipe.stage_runner.capture and pipe.stage_runner.kernels
+
+
+def test_gpu_suite_times_runner_stages_and_borrows_flops_from_eager_twin():
+    """benchmarks/gpu_fastpath.py's glue, on CPU: a stage-runner pipeline is timed per stage loop,
+    its stages split like the eager one's, and its FLOPs per stage come from the eager twin."""
+    import importlib.util
+    from pathlib import Path
+
+    from unclip.engine.profiling import CallTimeline, TimedBackend, split_stages
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_fastpath.py"
+    spec = importlib.util.spec_from_file_location("gpu_fastpath", path)
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    assert suite.runner_options("torch-bf16-graphs-step") == dict(
+        dtype="bf16", cuda_graphs=True, kernels=False, only="guidance_step", channels_last=False)
+    assert suite.runner_options("diffusers") is None and suite.runner_options("torch-fp32") is None
+
+    results = suite.FastResults({"settings": {}}, "diffusers", ["torch-fp16", "torch-fp16-graphs"], [2])
+    pipes = {"torch-fp16": make_pipeline(), "torch-fp16-graphs": make_pipeline(runner="uncaptured")}
+    for name, pipe in pipes.items():
+        timeline = CallTimeline("cpu")
+        pipe.backend = TimedBackend(pipe.backend, timeline)
+        if pipe.stage_runner is not None:
+            pipe.stage_runner = suite.TimedStageRunner(pipe.stage_runner, timeline)
+        timeline.start()
+        pipe.generate(PROMPTS, seed=0, **FAST_STEPS)
+        trace = timeline.finish()
+        results.add(name, 2, {"latency_ms": trace.total_ms, "stages_ms": split_stages(trace),
+                              "calls": [[c.network, c.rows, c.ms] for c in trace.calls]})
+    calls = [c[0] for c in results.samples[("torch-fp16-graphs", 2)][0]["calls"]]
+    assert calls == ["text_encoder", "prior", "text_proj", "decoder", "super_res_first"]  # one per loop
+    results.flops = {key: 10**9 for key in results.call_keys()}  # 1 GFLOP per call
+    eager, graphs = results.run("torch-fp16", 2), results.run("torch-fp16-graphs", 2)
+    assert eager["stage_gflop"] == {"text_encoder": 1.0, "prior": 3.0, "decoder": 5.0, "super_res": 2.0}
+    assert graphs["stage_gflop"] == eager["stage_gflop"] and graphs["networks"] == {}
+    assert all(graphs["stage_tflops"][k] == pytest.approx(v / graphs["stages_ms"][k])
+               for k, v in eager["stage_gflop"].items())

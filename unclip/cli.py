@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from unclip.bench.cli import bench
 from unclip.errors import UnclipError
 from unclip.export.cli import export
 from unclip.models import DEFAULT_MODEL
@@ -179,6 +180,7 @@ def info(model: str) -> None:
 
 
 cli.add_command(export)
+cli.add_command(bench)
 
 
 def main() -> None:

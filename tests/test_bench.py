@@ -1,0 +1,206 @@
+"""`unclip bench` end to end on tiny: the three outputs, their consistency with the raw samples,
+partial results on Ctrl-C, and bad input rejected before any work."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import unclip
+from unclip.cli import cli
+
+REPO = Path(__file__).resolve().parents[1]
+# every registered backend that runs on a CPU (onnxruntime once it is registered)
+BACKENDS = [b for b in unclip.BACKENDS if b != "tensorrt"]
+BATCH_SIZES = [1, 2]
+REPEAT = 3
+FAST = ["--prior-steps", "2", "--decoder-steps", "2", "--super-res-steps", "2"]
+# Stages are differences of the same clock readings; they add up to the latency up to float rounding.
+SUM_TOLERANCE_MS = 1e-6
+
+
+def bench_command(out: Path, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "unclip.cli", "bench", "--model", "tiny", "--out", str(out),
+            "--cache-dir", str(cache), *FAST, *extra]
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench")
+    out = root / "results"
+    proc = subprocess.run(bench_command(out, root / "cache", "--backends", ",".join(BACKENDS),
+                                       "--batch-sizes", ",".join(map(str, BATCH_SIZES)), "--warmup", "1",
+                                       "--repeat", str(REPEAT)),
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def positive_finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+def test_results_json_fields_and_consistency(bench_out):
+    doc = json.loads((bench_out / "results.json").read_text())
+    assert doc["status"] == "complete"
+    assert doc["command"].startswith(f"unclip bench --model tiny --backends {','.join(BACKENDS)} ")
+    for key in ("cpu_model", "cpu_cores", "gpu_name", "gpu_driver"):
+        assert key in doc["machine"]
+    assert doc["machine"]["cpu_cores"] >= 1
+    for key in ("python", "torch", "diffusers", "onnxruntime", "tensorrt"):
+        assert key in doc["versions"]
+    assert doc["versions"]["torch"] and doc["versions"]["python"]
+    runners = ["diffusers", *BACKENDS]
+    assert [(r["backend"], r["batch_size"]) for r in doc["runs"]] == \
+        [(n, b) for b in BATCH_SIZES for n in runners]
+    assert positive_finite(doc["matmul_peak"]["tflops"])
+
+    for run in doc["runs"]:
+        samples = run["samples_ms"]
+        assert len(samples) == len(run["raw"]) == REPEAT
+        assert all(positive_finite(s) for s in samples)
+        lat = run["latency_ms"]
+        assert lat["median"] == pytest.approx(float(np.median(samples)), rel=1e-12)
+        assert lat["p10"] == pytest.approx(float(np.percentile(samples, 10)), rel=1e-12)
+        assert lat["p90"] == pytest.approx(float(np.percentile(samples, 90)), rel=1e-12)
+        assert lat["p10"] <= lat["median"] <= lat["p90"]
+        assert run["images_per_s"] == pytest.approx(run["batch_size"] / (lat["median"] / 1e3), rel=1e-12)
+        base = next(r for r in doc["runs"] if r["is_baseline"] and r["batch_size"] == run["batch_size"])
+        expected = float(np.median(base["samples_ms"])) / float(np.median(samples))
+        assert run["speedup_vs_baseline"] == pytest.approx(expected, rel=1e-12)
+        for raw in run["raw"]:
+            assert sum(raw["stages_ms"].values()) == pytest.approx(raw["latency_ms"], abs=SUM_TOLERANCE_MS)
+            assert all(v >= 0 for v in raw["stages_ms"].values())
+            assert all(positive_finite(c[2]) for c in raw["calls"])
+        for stage in ("text_encoder", "prior", "decoder", "super_res"):
+            assert positive_finite(run["stages_ms"][stage])
+            assert positive_finite(run["stage_gflop"][stage])
+            assert positive_finite(run["stage_tflops"][stage])
+            assert run["stage_tflops"][stage] == pytest.approx(
+                run["stage_gflop"][stage] / run["stages_ms"][stage], rel=1e-9)
+        # classifier-free guidance: the decoder runs 2B rows, once per step
+        assert run["networks"]["decoder"]["calls_per_generation"] == 2
+        for net in run["networks"].values():
+            assert positive_finite(net["median_call_ms"]) and positive_finite(net["gflop_per_call"])
+        assert positive_finite(run["peak_rss_mb"])
+    for name in runners:
+        info = doc["runners"][name]
+        assert positive_finite(info["cold_start_s"])
+        parts = info["startup_s"] + info["load_s"] + info["first_image_s"]
+        assert info["cold_start_s"] == pytest.approx(parts, rel=1e-9)
+        assert positive_finite(info["startup_s"])
+        # same weights and seed: the first images match the baseline's (fp32; 1 level of rounding)
+        assert info["first_image_max_abs_diff_vs_baseline"] <= 1
+    if "onnxruntime" in BACKENDS:
+        assert Path(doc["runners"]["onnxruntime"]["model"], "manifest.json").exists()  # an export
+
+
+@pytest.mark.slow
+def test_results_md_and_plots(bench_out):
+    doc = json.loads((bench_out / "results.json").read_text())
+    md = (bench_out / "results.md").read_text()
+    assert "| backend | batch | median ms |" in md
+    for run in doc["runs"]:
+        if not run["is_baseline"]:
+            assert f"{run['speedup_vs_baseline']:.2f}× the baseline" in md
+    assert doc["command"] in md and "## Method" in md and "warm-up" in md
+    for name in ("stages.png", "throughput.png"):
+        with Image.open(bench_out / name) as im:
+            assert im.format == "PNG" and im.width > 200 and im.height > 200
+
+
+def _worker_pids(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_partial_results(tmp_path):
+    out = tmp_path / "results"
+    marker = f"interrupt-marker-{os.getpid()}"  # in the workers' command lines: find leftovers
+    proc = subprocess.Popen(bench_command(out, tmp_path / "cache", "--backends", "torch", "--warmup", "0",
+                                          "--repeat", "500", "--batch-sizes", "1", "--prompt", marker),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            doc = json.loads((out / "results.json").read_text())
+            if len(doc["runs"]) == 2:  # the baseline and torch each measured at least once
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted; partial results in" in stderr and "Traceback" not in stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["status"] == "interrupted"
+    assert all(1 <= r["repeats"] < 500 for r in doc["runs"])
+    assert "Status: interrupted" in (out / "results.md").read_text()
+    assert _worker_pids(marker) == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--backends", "torch,nope"], "unknown backend 'nope'"),
+    (["--batch-sizes", "0"], "--batch-sizes"),
+    (["--batch-sizes", "1,x"], "comma-separated integers"),
+    (["--repeat", "0"], "--repeat must be at least 1"),
+    (["--warmup", "-1"], "--warmup must be 0 or more"),
+    (["--prior-steps", "1"], "--prior-steps must be an integer of at least 2"),
+    (["--model", "no-such-model"], "neither an existing folder nor a preset"),
+    (["--device", "tpu"], "--device 'tpu' is unknown"),
+    (["--suite", "no-such-suite.json"], "--suite no-such-suite.json: cannot read it"),
+])
+def test_bad_input_is_one_line(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["bench", "--out", str(out), *args])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unclip: error:") and message in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_suite_file_options_and_override(tmp_path):
+    suite = tmp_path / "suite.json"
+    suite.write_text(json.dumps({"options": {"device": "tpu", "repeat": 0}}))
+    result = CliRunner().invoke(cli, ["bench", "--suite", str(suite), "--out", str(tmp_path / "o")])
+    assert "--device 'tpu' is unknown" in result.stderr  # the suite's value was used
+    result = CliRunner().invoke(cli, ["bench", "--suite", str(suite), "--device", "cpu",
+                                      "--out", str(tmp_path / "o")])
+    assert "--repeat must be at least 1" in result.stderr  # the command line won for --device
+    suite.write_text(json.dumps({"options": {"batch_size": 3}}))
+    result = CliRunner().invoke(cli, ["bench", "--suite", str(suite)])
+    assert result.exit_code == 1 and "unknown option 'batch_size'" in result.stderr
+
+
+def test_committed_suites_are_valid():
+    from unclip.bench.cli import option_names
+    from unclip.bench.config import read_suite
+
+    suites = {p.stem: read_suite(p, option_names()) for p in (REPO / "benchmarks" / "suites").glob("*.json")}
+    assert suites["gpu-karlo"]["model"] == "karlo" and suites["gpu-karlo"]["device"] == "cuda"
+    assert suites["gpu-karlo"]["batch_sizes"] == "1,8"
+    assert (suites["gpu-karlo"]["prior_steps"], suites["gpu-karlo"]["decoder_steps"],
+            suites["gpu-karlo"]["super_res_steps"]) == (25, 25, 7)
+    assert suites["cpu-small"]["model"] == "small"

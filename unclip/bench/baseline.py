@@ -1,0 +1,61 @@
+"""The baseline: diffusers' UnCLIPPipeline, eager PyTorch, over the very networks we loaded.
+
+Forward hooks on its six networks feed the same `CallTimeline` our backends feed, so its
+stages and per-network times are measured by the same rule.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unclip.engine.profiling import CallTimeline
+from unclip.models.components import NETWORKS, UnclipComponents
+
+
+def diffusers_pipeline(components: UnclipComponents, device: str):
+    from diffusers import UnCLIPPipeline, UnCLIPScheduler
+
+    def scheduler(name: str) -> UnCLIPScheduler:
+        config = components.schedulers[name].to_dict()
+        config.pop("_class_name")
+        return UnCLIPScheduler(**config)
+
+    c = components
+    pipe = UnCLIPPipeline(
+        prior=c.prior, decoder=c.decoder, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+        text_proj=c.text_proj, super_res_first=c.super_res_first, super_res_last=c.super_res_last,
+        prior_scheduler=scheduler("prior_scheduler"), decoder_scheduler=scheduler("decoder_scheduler"),
+        super_res_scheduler=scheduler("super_res_scheduler"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _rows(args: tuple, kwargs: dict) -> int:
+    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return max(t.shape[0] for t in tensors)
+
+
+def attach_timeline(pipe, timeline: CallTimeline) -> None:
+    """Record every call of the pipeline's networks (they are called as modules, so hooks see all)."""
+    for name in NETWORKS:
+        module: torch.nn.Module = getattr(pipe, name)
+
+        def before(_module, args, kwargs, name=name):
+            timeline.begin(name, _rows(args, kwargs))
+
+        def after(_module, _args, _kwargs, _output):
+            timeline.end()
+
+        module.register_forward_pre_hook(before, with_kwargs=True)
+        module.register_forward_hook(after, with_kwargs=True)
+
+
+def generate(pipe, prompts: list[str], seed: int, settings: dict):
+    """The same request our Pipeline.generate gets, in diffusers' argument names."""
+    return pipe(prompts, num_images_per_prompt=1,
+                prior_num_inference_steps=settings["prior_steps"],
+                decoder_num_inference_steps=settings["decoder_steps"],
+                super_res_num_inference_steps=settings["super_res_steps"],
+                prior_guidance_scale=settings["prior_guidance"],
+                decoder_guidance_scale=settings["decoder_guidance"],
+                generator=torch.Generator("cpu").manual_seed(seed), output_type="pil").images

@@ -1,0 +1,87 @@
+"""`unclip bench`: every backend against the diffusers baseline, in one run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from unclip.bench.config import BenchConfig, check, parse_list, read_suite
+from unclip.errors import UnclipError
+
+D = BenchConfig  # the defaults live on the dataclass, documented there
+# what each option must be (values from a suite file arrive as JSON types, unchecked by click)
+TYPES = {"prior_steps": (int, "an integer"), "decoder_steps": (int, "an integer"),
+         "super_res_steps": (int, "an integer"), "warmup": (int, "an integer"), "repeat": (int, "an integer"),
+         "seed": (int, "an integer"), "prior_guidance": ((float, int), "a number"),
+         "decoder_guidance": ((float, int), "a number"), "model": (str, "a text"), "device": (str, "a text"),
+         "prompt": (str, "a text")}
+
+
+def option_names() -> set[str]:
+    """What a suite file may set: every option but --suite itself."""
+    return {p.name for p in bench.params if p.name != "suite"}
+
+
+@click.command()
+@click.option("--model", default=D.model, show_default=True,
+              help="checkpoint folder (diffusers UnCLIPPipeline layout) or preset: tiny, small, karlo")
+@click.option("--backends", default=",".join(D.backends), show_default=True,
+              help="comma-separated unclip backends to compare with the baseline, e.g. torch,onnxruntime")
+@click.option("--device", default=D.device, show_default=True, help="cpu or cuda")
+@click.option("--batch-sizes", default=",".join(map(str, D.batch_sizes)), show_default=True,
+              help="prompts per request, comma-separated")
+@click.option("--prior-steps", type=int, default=D.prior_steps, show_default=True)
+@click.option("--decoder-steps", type=int, default=D.decoder_steps, show_default=True)
+@click.option("--super-res-steps", type=int, default=D.super_res_steps, show_default=True)
+@click.option("--prior-guidance", type=float, default=D.prior_guidance, show_default=True)
+@click.option("--decoder-guidance", type=float, default=D.decoder_guidance, show_default=True)
+@click.option("--warmup", type=int, default=D.warmup, show_default=True,
+              help="unmeasured runs per runner and batch size")
+@click.option("--repeat", type=int, default=D.repeat, show_default=True,
+              help="measured runs per runner and batch size")
+@click.option("--seed", type=int, default=D.seed, show_default=True)
+@click.option("--prompt", default=D.prompt, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=D.out, show_default=True,
+              help="folder for results.json, results.md and the PNG plots")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=D.cache_dir, show_default=True,
+              help="where exported artifacts (e.g. ONNX for onnxruntime) are kept between runs")
+@click.option("--no-plots", is_flag=True, help="skip the PNG plots (no matplotlib needed)")
+@click.option("--suite", type=click.Path(path_type=Path), default=None,
+              help="a suite file (benchmarks/suites/*.json); options given here win over it")
+@click.pass_context
+def bench(ctx: click.Context, suite: Path | None, no_plots: bool, **options) -> None:
+    """Benchmark backends against diffusers' UnCLIPPipeline (interleaved); writes results to OUT."""
+    import unclip
+    from unclip.bench.suite import run_suite
+
+    if suite is not None:
+        for name, value in read_suite(suite, option_names()).items():
+            if ctx.get_parameter_source(name) == ParameterSource.DEFAULT:
+                if name == "no_plots":
+                    no_plots = value is True
+                else:
+                    options[name] = value
+    options["backends"] = parse_list("backends", options["backends"])
+    options["batch_sizes"] = parse_list("batch-sizes", options["batch_sizes"], int)
+    for name, (kind, what) in TYPES.items():
+        if not isinstance(options[name], kind) or isinstance(options[name], bool):
+            raise UnclipError(f"--{name.replace('_', '-')} must be {what}, got {options[name]!r}")
+    options["prior_guidance"], options["decoder_guidance"] = (float(options["prior_guidance"]),
+                                                              float(options["decoder_guidance"]))
+    options["out"], options["cache_dir"] = Path(options["out"]), Path(options["cache_dir"])
+    cfg = check(BenchConfig(**options, plots=not no_plots, suite=None if suite is None else str(suite)),
+                unclip.BACKENDS)
+    try:
+        results = run_suite(cfg, argv=["unclip", *sys.argv[1:]])
+    except KeyboardInterrupt:
+        click.echo(f"unclip: interrupted; partial results in {cfg.out}", err=True)
+        sys.exit(130)
+    for run in results.document()["runs"]:
+        ratio = run["speedup_vs_baseline"]
+        click.echo(f"{run['backend']:<12} batch {run['batch_size']:<3} "
+                   f"median {run['latency_ms']['median']:>10,.1f} ms  {run['images_per_s']:.3f} images/s  "
+                   f"{ratio:.2f}x baseline")
+    click.echo(str(cfg.out))

@@ -1,0 +1,182 @@
+"""Runs a benchmark: the baseline and every backend, interleaved, each in its own process.
+
+Order of work: export what needs exporting; start one worker process per runner, one at a
+time, each timed from process start to its first image (cold start); time a large matmul;
+then per batch size: reset the peak-memory marks, warm up, and measure in rounds of
+(baseline, backend 1, backend 2, ...) so that slow drift of the machine (other load, heat)
+hits every runner alike. results.json and results.md are rewritten after every measured run,
+so Ctrl-C leaves what was measured so far.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from unclip.bench import artifacts
+from unclip.bench.config import BenchConfig
+from unclip.bench.machine import machine, versions
+from unclip.bench.plots import PLOTS
+from unclip.bench.results import Results, now
+from unclip.bench.worker import BASELINE
+from unclip.errors import UnclipError
+
+log = logging.getLogger("unclip")
+
+
+class Worker:
+    """A runner process and its one-line-per-message JSON protocol."""
+
+    def __init__(self, name: str, spec: dict):
+        self.name = name
+        self.log = tempfile.TemporaryFile(mode="w+")
+        # its own session: a terminal's Ctrl-C reaches only the parent, which then stops the workers
+        self.process = subprocess.Popen([sys.executable, "-m", "unclip.bench.worker", json.dumps(spec)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                        text=True, start_new_session=True)
+
+    def call(self, cmd: str, **args) -> dict:
+        try:
+            self.process.stdin.write(json.dumps({"cmd": cmd, "args": args}) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            code = self.process.wait()
+            raise UnclipError(f"the {self.name} runner stopped (exit code {code}) during {cmd}: "
+                              f"{self._log_tail()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise UnclipError(f"the {self.name} runner failed during {cmd}: {reply['error']}")
+        return reply
+
+    def _log_tail(self) -> str:
+        self.log.seek(0)
+        lines = [s for s in self.log.read().splitlines() if s.strip()]
+        return " | ".join(lines[-3:]) or "no output"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.close()  # the worker's loop ends on end of input
+                self.process.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def _image(reply: dict) -> np.ndarray:
+    data = reply.pop("image")
+    return np.frombuffer(base64.b64decode(data["uint8"]), dtype=np.uint8).reshape(data["shape"])
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (runnable processes): above the core count, others shared the CPU."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _count_flops(results: Results, baseline: Worker) -> None:
+    """FLOPs per (network, rows) not yet counted; the baseline's process holds the torch networks."""
+    missing = sorted(results.call_keys() - results.flops.keys())
+    if missing:
+        counted = baseline.call("flops", keys=[list(k) for k in missing])["flops"]
+        results.flops.update({(n, r): f for n, r, f in counted})
+
+
+def run_suite(cfg: BenchConfig, argv: list[str], progress: bool = True) -> Results:
+    """Measure and write `cfg.out`/results.json, results.md (and plots); returns the results."""
+    from unclip.bench.report import write_outputs
+
+    runners = [BASELINE, *cfg.backends]
+    header = {"started": now(), "command": cfg.command(), "argv": argv, "suite": cfg.suite,
+              "machine": machine(cfg.device), "versions": versions(),
+              "settings": {"model": cfg.model, "device": cfg.device, "dtype": "float32",
+                           "batch_sizes": list(cfg.batch_sizes), **cfg.settings, "warmup": cfg.warmup,
+                           "repeat": cfg.repeat, "seed": cfg.seed, "prompt": cfg.prompt}}
+    results = Results(header, BASELINE, list(cfg.backends), list(cfg.batch_sizes))
+    workers: dict[str, Worker] = {}
+    total = len(runners) * (1 + len(cfg.batch_sizes) * (cfg.warmup + cfg.repeat))
+    # this run's (empty) results replace any earlier run's at once: a Ctrl-C never leaves stale ones
+    for name in PLOTS:
+        (cfg.out / name).unlink(missing_ok=True)
+    write_outputs(results, cfg.out, plots=False)
+    bar = tqdm(total=total, desc="bench", unit="run", disable=not progress, file=sys.stderr)
+    try:
+        models = {}
+        for name in runners:
+            if name != BASELINE:
+                bar.set_postfix_str(f"exporting for {name}" if name in artifacts.EXPORTERS else "")
+            model, export_s, cached = artifacts.prepare(name, cfg.model, cfg.cache_dir)
+            models[name] = model
+            results.runners[name] = {"model": model, "export_s": export_s, "export_cached": cached}
+        first_images = {}
+        for name in runners:  # started one at a time: a cold start must not share the CPU with another
+            bar.set_postfix_str(f"cold start {name}")
+            spec = {"runner": name, "model": models[name], "device": cfg.device, "settings": cfg.settings,
+                    "prompt": cfg.prompt, "seed": cfg.seed}
+            t0 = time.perf_counter()
+            workers[name] = Worker(name, spec)
+            reply = workers[name].call("cold_start")
+            cold = time.perf_counter() - t0  # process start (interpreter, imports) to first image
+            first_images[name] = _image(reply)
+            results.runners[name].update(reply, cold_start_s=cold,
+                                         startup_s=cold - reply["load_s"] - reply["first_image_s"])
+            bar.update()
+        for name in runners:
+            diff = np.abs(first_images[name].astype(int) - first_images[BASELINE].astype(int)).max()
+            results.runners[name]["first_image_max_abs_diff_vs_baseline"] = int(diff)  # uint8 levels
+        bar.set_postfix_str("matmul peak")
+        results.matmul_peak = workers[BASELINE].call("matmul_peak")
+        for batch in cfg.batch_sizes:
+            for name in runners:
+                workers[name].call("reset_peak")
+            for i in range(cfg.warmup):
+                for name in runners:
+                    bar.set_postfix_str(f"batch {batch} warm-up {i + 1}/{cfg.warmup} {name}")
+                    workers[name].call("run", batch=batch)
+                    bar.update()
+            for i in range(cfg.repeat):
+                for name in runners:
+                    bar.set_postfix_str(f"batch {batch} repeat {i + 1}/{cfg.repeat} {name}")
+                    sample = workers[name].call("run", batch=batch)
+                    sample["load_average_1min"] = _load_average()  # how busy the machine was
+                    results.add(name, batch, sample)
+                    bar.update()
+                    if i == 0 and name == runners[-1]:  # every call shape of this batch size is now known
+                        _count_flops(results, workers[BASELINE])
+                    write_outputs(results, cfg.out, plots=False)
+            for name in runners:
+                results.memory[(name, batch)] = workers[name].call("memory")
+        results.status = "complete"
+    except KeyboardInterrupt:
+        results.status = "interrupted"
+        raise
+    except BaseException:
+        results.status = "failed"
+        raise
+    finally:
+        bar.close()
+        for worker in workers.values():
+            worker.stop()
+        results.header["finished"] = now()
+        try:
+            write_outputs(results, cfg.out, plots=cfg.plots)
+        except Exception as exc:  # a plot of partial results must not hide why the run stopped
+            if results.status == "complete":
+                raise
+            log.warning("the plots of the partial results were not written: %s", exc)
+    return results

@@ -1,0 +1,156 @@
+"""One runner (the diffusers baseline, or one unclip backend) in its own process.
+
+Why a process each: the peak host memory of a runner is then its own (not the sum of every
+model loaded for the comparison), and a crash in one backend cannot take down the others.
+The parent sends one JSON command per line on stdin and reads one JSON reply per line from
+the original stdout; anything libraries print goes to stderr. Ctrl-C is the parent's to
+handle: the worker ignores SIGINT and exits when its stdin closes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import resource
+import signal
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from unclip.engine.profiling import CallTimeline, TimedBackend, count_flops, matmul_peak_tflops, split_stages
+
+BASELINE = "diffusers"
+
+
+class Runner:
+    """Loads a model for one backend (or the baseline) and times single generations."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.kind = spec["runner"]
+        self.device = torch.device(spec["device"])
+        self.settings = spec["settings"]
+        self.timeline = CallTimeline(self.device)
+        self.components = None
+
+    def load(self) -> None:
+        if self.kind == BASELINE:
+            from unclip.bench.baseline import attach_timeline, diffusers_pipeline
+            from unclip.models import load_model
+
+            self.components = load_model(self.spec["model"])
+            self.pipe = diffusers_pipeline(self.components, self.spec["device"])
+            attach_timeline(self.pipe, self.timeline)
+        else:
+            import unclip
+
+            self.pipe = unclip.load(self.spec["model"], backend=self.kind, device=self.spec["device"])
+            self.pipe.backend = TimedBackend(self.pipe.backend, self.timeline)
+
+    def generate(self, batch: int) -> list:
+        prompts = [self.spec["prompt"]] * batch
+        if self.kind == BASELINE:
+            from unclip.bench.baseline import generate
+
+            return generate(self.pipe, prompts, self.spec["seed"], self.settings)
+        return self.pipe.generate(prompts, seed=self.spec["seed"], **self.settings)
+
+    def timed(self, batch: int) -> tuple[dict, list]:
+        self.timeline.start()
+        images = self.generate(batch)
+        trace = self.timeline.finish()
+        sample = {"latency_ms": trace.total_ms, "stages_ms": split_stages(trace),
+                  "calls": [[c.network, c.rows, c.ms] for c in trace.calls]}
+        return sample, images
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def cmd_cold_start(self) -> dict:
+        """Load, then the first image (batch 1); the image comes back for comparison with the baseline.
+        (The parent adds the process start-up: cold start = start-up + load + first image.)"""
+        t0 = time.perf_counter()
+        self.load()
+        t1 = time.perf_counter()
+        images = self.generate(1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        first = np.stack([np.asarray(im) for im in images])
+        return {"load_s": t1 - t0, "first_image_s": t2 - t1,
+                "image": {"shape": list(first.shape), "uint8": base64.b64encode(first.tobytes()).decode()}}
+
+    def cmd_run(self, batch: int) -> dict:
+        sample, _ = self.timed(batch)
+        return sample
+
+    def cmd_reset_peak(self) -> dict:
+        """Peak host RSS from here on: Linux resets VmHWM on writing 5 to clear_refs (since 4.0)."""
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            rss_reset = True
+        except OSError:
+            rss_reset = False
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return {"rss_reset": rss_reset}
+
+    def cmd_memory(self) -> dict:
+        out = {"peak_rss_mb": _peak_rss_mb(), "cuda_peak_allocated_mb": None}
+        if self.device.type == "cuda":
+            out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return out
+
+    def cmd_flops(self, keys: list[list]) -> dict:
+        """FLOPs of one call of each (network, rows), counted on our adapters of the loaded networks."""
+        from unclip.models.networks import adapters, model_dims
+        from unclip.specs import example_inputs, network_specs
+
+        dims = model_dims(self.components)
+        specs = network_specs(dims)
+        modules = adapters(self.components)
+        out = []
+        for network, rows in keys:
+            inputs = example_inputs(specs[network], dims, rows, torch.Generator().manual_seed(0))
+            inputs = [t.to(self.device) for t in inputs.values()]
+            out.append([network, rows, count_flops(modules[network], inputs)])
+        self.timeline.start()  # the counting calls went through the hooks; drop them
+        return {"flops": out}
+
+    def cmd_matmul_peak(self) -> dict:
+        return matmul_peak_tflops(self.device)
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # library prints must not corrupt the protocol
+    sys.stdout = sys.stderr
+    runner = Runner(json.loads(sys.argv[1]))
+    for line in sys.stdin:
+        message = json.loads(line)
+        try:
+            reply = getattr(runner, "cmd_" + message["cmd"])(**message.get("args", {}))
+        except Exception as exc:  # reported to the parent, which names the backend and stops
+            reply = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        replies.write(json.dumps(reply) + "\n")
+
+
+if __name__ == "__main__":
+    main()

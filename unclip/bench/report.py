@@ -26,6 +26,11 @@ def _name(run: dict) -> str:
     return f"{run['backend']} (baseline)" if run["is_baseline"] else run["backend"]
 
 
+def _outside_calls_ms(run: dict) -> float:
+    """Median over repeats of the time a request spends outside network calls."""
+    return float(np.median([s["latency_ms"] - sum(c[2] for c in s["calls"]) for s in run["raw"]]))
+
+
 def slower_note(run: dict, base: dict) -> str:
     """Why `run` is slower than `base`: the networks (and the glue) that account for the gap."""
     gap = run["latency_ms"]["median"] - base["latency_ms"]["median"]
@@ -38,18 +43,19 @@ def slower_note(run: dict, base: dict) -> str:
         calls = f"{mine['calls_per_generation']:g} calls"
         per_call = f"{mine['median_call_ms']:,.2f} vs {theirs['median_call_ms']:,.2f} ms per call"
         parts.append((delta, f"{network} {delta:+,.1f} ms per generation ({calls}, {per_call})"))
-    outside = (gap - sum(d for d, _ in parts))
-    parts.append((outside, f"outside network calls (scheduler steps, noise, tokenising, post-processing) "
-                           f"{outside:+,.1f} ms"))
+    outside = _outside_calls_ms(run) - _outside_calls_ms(base)
+    parts.append((outside, f"outside network calls (scheduler steps, noise, tokenising, tensor "
+                           f"conversions, post-processing) {outside:+,.1f} ms"))
     parts.sort(key=lambda p: -p[0])
     spread = base["latency_ms"]
     within = spread["p10"] <= run["latency_ms"]["median"] <= spread["p90"]
     text = (f"**{run['backend']}, batch {run['batch_size']}: {run['speedup_vs_baseline']:.2f}× the "
-            f"baseline** ({gap:+,.1f} ms median). Measured differences: "
+            f"baseline** ({gap:+,.1f} ms median). Largest measured differences (medians over repeats, "
+            "backend minus baseline; medians need not add up to the gap): "
             + "; ".join(s for _, s in parts[:3]) + ".")
-    if within:
-        text += (f" The backend's median lies inside the baseline's p10–p90 range "
-                 f"({spread['p10']:,.1f}–{spread['p90']:,.1f} ms): the gap is within run-to-run noise.")
+    text += (f" For scale, the baseline's own repeats span {spread['p10']:,.1f}–{spread['p90']:,.1f} ms "
+             "(p10–p90)" + (": the backend's median lies inside it, so the gap is within run-to-run noise."
+                            if within else "."))
     return text
 
 

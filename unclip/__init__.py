@@ -9,7 +9,7 @@ from unclip.errors import UnclipError
 __version__ = "0.1.0"
 __all__ = ["UnclipError", "load", "__version__"]
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def load(model: str | Path = "tiny", backend: str = "torch", device: str = "cpu",
@@ -34,6 +34,13 @@ def load(model: str | Path = "tiny", backend: str = "torch", device: str = "cpu"
                           "use --device cpu")
     if not (device == "cpu" or device.startswith("cuda")):
         raise UnclipError(f"unknown device {device!r}: use cpu or cuda")
+    if backend == "tensorrt":  # engines from `unclip export tensorrt`; cuda_graphs captures them too
+        from unclip.engine.backends.tensorrt_backend import load_tensorrt_pipeline
+
+        if dtype != "fp32" or kernels:
+            raise UnclipError("--dtype and --kernels apply to --backend torch; a TensorRT engine's precision "
+                              "is set when it is built (`unclip export tensorrt`): drop them")
+        return load_tensorrt_pipeline(model, device, cuda_graphs=cuda_graphs)
     _check_fast_path(backend, device, dtype, cuda_graphs, kernels)
     if backend == "onnxruntime":  # serves from the artifact: no diffusers/transformers imports
         from unclip.engine.backends.onnxruntime_backend import load_onnxruntime_pipeline

@@ -98,7 +98,8 @@ def write_images(images: list, out: Path, metadata: list[dict[str, str]]) -> lis
 @click.argument("prompts", nargs=-1, required=True)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--backend", default="torch", show_default=True,
-              help="torch, or onnxruntime (then --model is a folder made by `unclip export onnx`)")
+              help="torch, onnxruntime (then --model is a folder made by `unclip export onnx`), or "
+                   "tensorrt (--device cuda; the folder also has `unclip export tensorrt` engines)")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--dtype", default="fp32", show_default=True,
               help="fp32, or fp16/bf16 on cuda (half networks, float32 scheduler)")

@@ -51,3 +51,57 @@ def onnx(model: str, out: Path, precision: str, opset: int, batch_sizes: str, se
         trt = ", ".join(entry["tensorrt_unsupported_ops"]) or "none"
         click.echo(f"  {name:<16} max abs error {worst:.2e}   TensorRT-unsupported ops: {trt}")
     click.echo(str(out))
+
+
+@export.command()
+@click.option("--artifacts", type=click.Path(path_type=Path), required=True,
+              help="folder made by `unclip export onnx`; engines go to DIR/engines/")
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="must match the ONNX export's precision (TensorRT builds strongly typed engines)")
+@click.option("--batch-sizes", default="1,4,8", show_default=True,
+              help="images per call; profiles: min = smallest unguided, opt = middle, max = largest "
+                   "(x2 rows where guidance doubles the batch)")
+@click.option("--workspace", type=float, default=4.0, show_default=True, help="builder workspace limit, GB")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="tactic timing cache file reused across builds "
+                   "[default: one per GPU and TensorRT version in DIR/engines]")
+@click.option("--opt-level", type=int, default=3, show_default=True,
+              help="builder optimisation level 0..5 (higher: longer build, maybe faster engine)")
+@click.option("--rebuild", is_flag=True, help="rebuild every engine, replacing stale or foreign ones")
+@click.option("--check", is_flag=True,
+              help="run each engine and ONNX Runtime on the same inputs at min/opt/max rows; exit 1 on NaN "
+                   "or error above the export tolerance")
+def tensorrt(artifacts: Path, precision: str, batch_sizes: str, workspace: float, timing_cache: Path | None,
+             opt_level: int, rebuild: bool, check: bool) -> None:
+    """Build FP16 TensorRT engines for the ONNX networks in DIR (needs TensorRT and an NVIDIA GPU)."""
+    from unclip.export import manifest as layout
+    from unclip.export.tensorrt_build import (
+        BuildOptions,
+        check_artifact_precision,
+        check_build_args,
+        export_tensorrt,
+    )
+
+    sizes = parse_batch_sizes(batch_sizes)
+    check_build_args(sizes, workspace, opt_level)
+    if timing_cache is not None and timing_cache.is_dir():
+        raise UnclipError(f"--timing-cache {timing_cache} is a folder; give a file path")
+    check_artifact_precision(layout.read_manifest(artifacts), artifacts, precision)
+    manifest, built, current = export_tensorrt(artifacts, precision, sizes,
+                                               BuildOptions(workspace, opt_level, timing_cache), rebuild)
+    for name, entry in manifest["tensorrt"]["engines"].items():
+        state = "built" if name in built else "up to date"
+        click.echo(f"  {name:<16} {state:<10} rows {entry['profile']}  {entry['file']}")
+    if check:
+        from unclip.export.tensorrt_check import check_engines, format_report
+
+        rows, precision = check_engines(artifacts)
+        for line in format_report(rows, precision):
+            click.echo(line)
+        failed = [r for r in rows if not r.ok]
+        if failed:
+            first = failed[0]
+            raise UnclipError(f"--check: {len(failed)} of {len(rows)} outputs failed (first: {first.network} "
+                              f"at {first.shape} rows {first.rows}); try --opt-level 5, a narrower "
+                              f"--batch-sizes range, or --precision fp32")
+    click.echo(str(artifacts))

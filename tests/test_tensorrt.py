@@ -1,0 +1,429 @@
+"""TensorRT export and backend: every part that runs without TensorRT or a GPU.
+
+Profiles, engine names, the manifest section, the missing/stale/foreign checks, the build-failure
+and --check reports, the fp32-island check of fp16 graphs and the CLI's refusals. The parts that
+need TensorRT and a GPU are in test_tensorrt_gpu.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tests.conftest import FAST_STEPS
+from tests.onnx_artifacts import copy_of, exported
+from unclip.errors import UnclipError
+from unclip.export import tensorrt_cache as cache
+from unclip.export.tensorrt_build import (
+    ROWS,
+    Profile,
+    build_failure_message,
+    check_fp32_islands,
+    fp16_fragile_nodes,
+    import_tensorrt,
+    profile_for,
+)
+
+HERE = cache.Target("NVIDIA H100 80GB HBM3", (9, 0), "10.13.0.35")
+L4 = cache.Target("NVIDIA L4", (8, 9), "10.13.0.35")
+TRT11 = cache.Target(HERE.gpu_name, (9, 0), "11.4.0.106")
+
+
+@pytest.fixture(scope="module")
+def tiny_fp16(tmp_path_factory):
+    return exported(tmp_path_factory, "tiny", "fp16")
+
+
+def run_cli(*args: str):
+    from unclip.cli import cli
+
+    return CliRunner().invoke(cli, list(args))
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unclip: error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+# -- profiles ----------------------------------------------------------------------------------
+
+def test_profiles_double_the_guided_networks():
+    sizes = [1, 4, 8]
+    assert profile_for("text_encoder", sizes) == Profile(1, 5, 9)  # prompts + the "" row
+    for name in ("prior", "text_proj", "decoder"):
+        assert profile_for(name, sizes) == Profile(1, 8, 16)  # unguided 1 .. guided 2x8
+    for name in ("super_res_first", "super_res_last"):
+        assert profile_for(name, sizes) == Profile(1, 4, 8)
+    assert profile_for("decoder", [8, 2]) == Profile(2, 16, 16)  # order and duplicates do not matter
+    assert profile_for("decoder", [3]) == Profile(3, 6, 6)
+    with pytest.raises(UnclipError, match="no batch rule for network 'vae'"):
+        profile_for("vae", sizes)
+
+
+class RecordingBackend:
+    """Wraps a backend and records the rows each network is called with."""
+
+    def __init__(self, backend):
+        self._backend, self.seen = backend, {}
+        self.name, self.device, self.specs = backend.name, backend.device, backend.specs
+
+    def run(self, network, **inputs):
+        self.seen.setdefault(network, set()).add(next(iter(inputs.values())).shape[0])
+        return self._backend.run(network, **inputs)
+
+    def constants(self):
+        return self._backend.constants()
+
+
+@pytest.mark.parametrize("prompts,settings,expect_guided", [
+    (["a", "b", "c", "d"], {}, True),  # B = 4 prompts x 1 image
+    (["a"], dict(num_images=4), True),  # B = 4 as 1 prompt x 4 images: the encoder sees 2 rows
+    (["a", "b"], dict(num_images=2, prior_guidance=1.0, decoder_guidance=1.0), False),
+])
+def test_profiles_cover_the_rows_the_pipeline_asks_for(tiny_pipeline, prompts, settings, expect_guided):
+    """The ROWS table is read off the pipeline: run it and compare with what each network saw."""
+    from unclip.engine.pipeline import Pipeline
+
+    recorder = RecordingBackend(tiny_pipeline.backend)
+    pipe = Pipeline(recorder, tiny_pipeline.tokenizer, tiny_pipeline.dims, tiny_pipeline.schedulers)
+    pipe.generate(prompts, output_type="np", **{**FAST_STEPS, **settings})
+    images = len(prompts) * settings.get("num_images", 1)
+    assert set(recorder.seen) == set(ROWS)
+    for network, rows in recorder.seen.items():
+        profile = profile_for(network, [1, images])
+        assert all(profile.min <= r <= profile.max for r in rows), (network, rows, profile)
+        if expect_guided and network != "text_encoder":
+            assert rows == {ROWS[network][0](images)}, network
+    if expect_guided and len(prompts) == images:
+        assert recorder.seen["text_encoder"] == {ROWS["text_encoder"][0](images)}
+
+
+def test_profile_shapes_fill_the_batch_axis():
+    assert Profile(1, 4, 8).shapes(["batch", 3, 16, 16]) == ((1, 3, 16, 16), (4, 3, 16, 16), (8, 3, 16, 16))
+    assert Profile(2, 2, 2).shapes(["batch"]) == ((2,), (2,), (2,))
+
+
+# -- engine names and the manifest section ----------------------------------------------------
+
+def test_engine_file_name_has_every_key():
+    name = cache.engine_file("decoder", "fp16", "b1-8-16", "ab" * 32, HERE)
+    assert name == "engines/decoder.fp16.b1-8-16.nvidia-h100-80gb-hbm3-sm90.trt10.13.0.35.abababababab.engine"
+    others = [cache.engine_file("decoder", "fp32", "b1-8-16", "ab" * 32, HERE),
+              cache.engine_file("decoder", "fp16", "b1-4-8", "ab" * 32, HERE),
+              cache.engine_file("decoder", "fp16", "b1-8-16", "cd" * 32, HERE),
+              cache.engine_file("decoder", "fp16", "b1-8-16", "ab" * 32, L4),
+              cache.engine_file("decoder", "fp16", "b1-8-16", "ab" * 32, TRT11)]
+    assert len({name, *others}) == 6
+
+
+def _fake_engine(folder, network, manifest, target=HERE, profile=None, data=b"serialized engine"):
+    import hashlib
+
+    profile = profile or profile_for(network, [1, 4]).to_dict()
+    onnx_sha = manifest["networks"][network]["sha256"]
+    entry = cache.engine_entry(network, manifest["precision"], profile, onnx_sha, target,
+                               hashlib.sha256(data).hexdigest(), {"workspace_gb": 4.0, "opt_level": 3})
+    (folder / entry["file"]).parent.mkdir(exist_ok=True)
+    (folder / entry["file"]).write_bytes(data)
+    return entry
+
+
+@pytest.fixture
+def built(tiny_fp16, tmp_path):
+    """A copy of the tiny fp16 artifact with a (fake) engine recorded for every network."""
+    from unclip.export.manifest import read_manifest
+
+    folder = copy_of(tiny_fp16, tmp_path / "artifact")
+    manifest = read_manifest(folder)
+    cache.record_engines(folder, {n: _fake_engine(folder, n, manifest) for n in manifest["networks"]})
+    return folder
+
+
+def test_manifest_round_trip(built):
+    from unclip.engine.artifact import load_artifact
+    from unclip.export.manifest import read_manifest
+
+    manifest = read_manifest(built)
+    entries = cache.engine_entries(manifest)
+    assert set(entries) == set(manifest["networks"])
+    for network, entry in entries.items():
+        assert entry["onnx_sha256"] == manifest["networks"][network]["sha256"]
+        assert entry["target"] == {"gpu_name": HERE.gpu_name, "compute_capability": [9, 0],
+                                   "tensorrt_version": HERE.tensorrt_version}
+        assert entry["profile"] == profile_for(network, [1, 4]).to_dict()
+        assert cache.engine_problem(built, manifest, network, "fp16", HERE) is None
+    paths = cache.require_engines(built, manifest, list(entries), "fp16", HERE)
+    assert all(p.read_bytes() == b"serialized engine" for p in paths.values())
+    load_artifact(built)  # the ONNX backends still read the folder
+    again = cache.record_engines(built, {})  # merging nothing changes nothing
+    assert cache.engine_entries(again) == entries
+
+
+def _problem(folder, network="decoder", target=HERE, precision="fp16", profile=None):
+    from unclip.export.manifest import read_manifest
+
+    return cache.engine_problem(folder, read_manifest(folder), network, precision, target, profile)
+
+
+def test_every_unusable_engine_is_named(built):
+    manifest = json.loads((built / "manifest.json").read_text())
+    foreign = _problem(built, target=L4)
+    assert "another GPU, NVIDIA H100 80GB HBM3 (sm_90)" in foreign and "NVIDIA L4 (sm_89)" in foreign
+    version = _problem(built, target=TRT11)
+    assert "built with TensorRT 10.13.0.35, this machine has TensorRT 11.4.0.106" in version
+    assert "is fp16, fp32 was asked for" in _problem(built, precision="fp32")
+    assert "batch profile" in _problem(built, profile={"min": 1, "opt": 8, "max": 16})
+
+    engine = built / manifest["tensorrt"]["engines"]["decoder"]["file"]
+    engine.write_bytes(b"truncated")
+    assert "does not match its sha256" in _problem(built)
+    engine.unlink()
+    assert "is missing" in _problem(built)
+
+    manifest["networks"]["decoder"]["sha256"] = "f" * 64  # as after a re-export
+    (built / "manifest.json").write_text(json.dumps(manifest))
+    assert "the engine is stale, built from ONNX sha256" in _problem(built)
+    del manifest["tensorrt"]["engines"]["decoder"]
+    (built / "manifest.json").write_text(json.dumps(manifest))
+    assert _problem(built) == "decoder: no TensorRT engine has been built"
+
+
+def test_runtime_refusal_lists_every_problem_and_the_fix(built):
+    from unclip.export.manifest import read_manifest
+
+    manifest = read_manifest(built)
+    with pytest.raises(UnclipError) as info:
+        cache.require_engines(built, manifest, list(manifest["networks"]), "fp16", TRT11)
+    message = str(info.value)
+    assert message.count("built with TensorRT 10.13.0.35") == 6
+    assert message.endswith(f"`unclip export tensorrt --artifacts {built} --rebuild`")
+
+
+def test_plan_builds_missing_up_to_date_stale_and_rebuild(built):
+    from unclip.export.manifest import read_manifest
+
+    manifest = read_manifest(built)
+    profiles = {n: profile_for(n, [1, 4]).to_dict() for n in manifest["networks"]}
+    assert cache.plan_builds(built, manifest, profiles, "fp16", HERE, rebuild=False) == ([], list(profiles))
+    assert cache.plan_builds(built, manifest, profiles, "fp16", HERE, rebuild=True) == (list(profiles), [])
+    del manifest["tensorrt"]["engines"]["prior"]
+    build, current = cache.plan_builds(built, manifest, profiles, "fp16", HERE, rebuild=False)
+    assert build == ["prior"] and "prior" not in current
+    wider = {n: profile_for(n, [1, 8]).to_dict() for n in manifest["networks"]}
+    with pytest.raises(UnclipError, match="batch profile .* add --rebuild to replace these engines"):
+        cache.plan_builds(built, manifest, wider, "fp16", HERE, rebuild=False)
+    other = cache.Target("NVIDIA A10G", (8, 6), HERE.tensorrt_version)
+    with pytest.raises(UnclipError, match="another GPU"):
+        cache.plan_builds(built, manifest, profiles, "fp16", other, rebuild=False)
+    assert cache.plan_builds(built, manifest, profiles, "fp16", other, rebuild=True)[0] == list(profiles)
+
+
+def test_timing_cache_is_per_gpu_and_version(tmp_path):
+    a = cache.timing_cache_file(tmp_path, HERE)
+    b = cache.timing_cache_file(tmp_path, cache.Target(HERE.gpu_name, (9, 0), "11.4.0.106"))
+    assert a.parent == tmp_path / "engines" and a != b
+
+
+# -- machine checks -----------------------------------------------------------------------------
+
+def test_no_gpu_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UnclipError, match=r"need a CUDA GPU.*torch.cuda.is_available\(\) is False"):
+        cache.current_target()
+
+
+def test_tensorrt_not_installed_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` raise ImportError
+    with pytest.raises(UnclipError, match="TensorRT is not installed .*pip install tensorrt"):
+        import_tensorrt()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UnclipError, match="TensorRT is not installed"):
+        cache.current_target()
+
+
+def test_backend_refuses_cpu_and_missing_engines(tiny_fp16, monkeypatch):
+    import unclip
+    from unclip.engine.artifact import load_artifact
+    from unclip.engine.backends.tensorrt_backend import TensorRTBackend
+
+    with pytest.raises(UnclipError, match="runs on the GPU only: use --device cuda"):
+        TensorRTBackend(load_artifact(tiny_fp16), "cpu")
+    with pytest.raises(UnclipError, match="runs on the GPU only"):
+        unclip.load(tiny_fp16, backend="tensorrt", device="cpu")
+    with pytest.raises(UnclipError, match="not a folder"):
+        unclip.load("tiny", backend="tensorrt", device="cpu")
+    monkeypatch.setattr(cache, "current_target", lambda index=None: HERE)  # as on a GPU machine
+    with pytest.raises(UnclipError, match="no TensorRT engine has been built.*--rebuild"):
+        TensorRTBackend(load_artifact(tiny_fp16), "cuda")
+
+
+# -- build failures and the fp32 islands --------------------------------------------------------
+
+def test_build_failure_message_names_network_profile_and_fix():
+    profile = Profile(1, 8, 16)
+    said = ["Requested amount of GPU memory (8589934592 bytes) could not be allocated. There may not be "
+            "enough free memory for allocation to succeed.", "out of memory"]
+    oom = build_failure_message("decoder", profile, said, 4.0)
+    assert oom.startswith("TensorRT failed to build decoder (batch rows min/opt/max 1-8-16)")
+    assert "lower the largest --batch-sizes (max 16 rows) or raise --workspace (now 4 GB)" in oom
+    tactic = build_failure_message("prior", profile, ["Could not find any implementation for node "
+                                                      "/attn/MatMul [ElementWise]"], 2.0)
+    assert "no kernel for a layer" in tactic and "/attn/MatMul" in tactic and "now 2 GB" in tactic
+    assert "logged no error" in build_failure_message("prior", profile, [], 2.0)
+    assert "\n" not in oom + tactic
+
+
+def _layer_norm_graph(input_type: int) -> onnx.ModelProto:
+    from onnx import helper
+
+    x = helper.make_tensor_value_info("x", input_type, [2, 8])
+    y = helper.make_tensor_value_info("y", input_type, [2, 8])
+    scale = helper.make_tensor("scale", input_type, [8], [1.0] * 8)
+    node = helper.make_node("LayerNormalization", ["x", "scale"], ["y"], name="/norm/LayerNorm", axis=-1)
+    graph = helper.make_graph([node], "g", [x], [y], [scale])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fp16_fragile_nodes_are_found(tmp_path):
+    assert fp16_fragile_nodes(_layer_norm_graph(onnx.TensorProto.FLOAT)) == []
+    half = _layer_norm_graph(onnx.TensorProto.FLOAT16)
+    assert fp16_fragile_nodes(half) == ["LayerNormalization /norm/LayerNorm"]
+    onnx.save(half, tmp_path / "net.onnx")
+    with pytest.raises(UnclipError, match="prior: 1 node.* must compute in fp32 .*LayerNormalization /norm/"):
+        check_fp32_islands(tmp_path / "net.onnx", "prior")
+
+
+def test_fp16_export_keeps_fragile_nodes_in_fp32(tiny_fp16):
+    from unclip.export.manifest import read_manifest
+
+    manifest = read_manifest(tiny_fp16)
+    for name, entry in manifest["networks"].items():
+        model = onnx.load(str(tiny_fp16 / entry["file"]), load_external_data=False)
+        fragile = [n for n in model.graph.node if n.op_type in entry["fp32_ops"]]
+        assert fragile, name  # the check below is not vacuous: each network has such nodes
+        assert fp16_fragile_nodes(model) == [], name
+        assert entry["tensorrt_unsupported_ops"] == [], name
+
+
+# -- --check ------------------------------------------------------------------------------------
+
+def test_check_compares_min_opt_max_and_catches_nan():
+    from unclip.export.tensorrt_check import check_network, format_report
+    from unclip.specs import ModelDims, network_specs
+
+    dims = ModelDims(clip_dim=8, text_len=5, text_vocab=50, extra_tokens=2, decoder_cross_dim=8,
+                     decoder_time_dim=16, decoder_size=4, decoder_channels=3, super_res_size=8)
+    spec = network_specs(dims)["super_res_first"]
+    seen = []
+
+    def reference(network, inputs):
+        seen.append(("ref", inputs["sample"].shape[0], inputs["sample"].sum().item()))
+        return {"model_output": inputs["sample"] * 2}
+
+    def engine(network, inputs):  # right at opt, NaN at max, slightly off at min
+        rows = inputs["sample"].shape[0]
+        seen.append(("trt", rows, inputs["sample"].sum().item()))
+        out = inputs["sample"] * 2
+        if rows == 8:
+            out[0, 0, 0, 0] = float("nan")
+        if rows == 1:
+            out = out + 1.0
+        return {"model_output": out}
+
+    rows = check_network(spec, dims, {"min": 1, "opt": 4, "max": 8}, "fp16", reference, engine)
+    assert [(r.shape, r.rows, r.ok) for r in rows] == [("min", 1, False), ("opt", 4, True), ("max", 8, False)]
+    assert rows[2].nonfinite == 1 and rows[1].max_abs == 0.0
+    assert rows[0].max_abs == pytest.approx(1.0)
+    assert seen[0::2] == [("ref", *s[1:]) for s in seen[1::2]]  # identical inputs to both, per shape
+    report = format_report(rows, "fp16")
+    assert "FAIL: NaN/inf" in report[3] and "FAIL: error too large" in report[1] and report[2].endswith("ok")
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--batch-sizes", "0,4"], ["--batch-sizes '0,4' must be positive integers"]),
+    (["--batch-sizes", "one"], ["--batch-sizes 'one' must be comma-separated integers"]),
+    (["--workspace", "0"], ["--workspace 0.0 GB must be above 0"]),
+    (["--workspace", "nan"], ["--workspace nan GB must be above 0"]),
+    (["--opt-level", "9"], ["--opt-level 9 must be 0..5"]),
+])
+def test_cli_bad_arguments(tiny_fp16, args, fragments):
+    assert_one_line_error(run_cli("export", "tensorrt", "--artifacts", str(tiny_fp16), *args), *fragments)
+
+
+def test_cli_folder_that_is_not_an_onnx_export(tmp_path, tiny_folder):
+    assert_one_line_error(run_cli("export", "tensorrt", "--artifacts", str(tmp_path / "nope")),
+                          "does not exist", "unclip export onnx")
+    assert_one_line_error(run_cli("export", "tensorrt", "--artifacts", str(tiny_folder)),
+                          "has no manifest.json: it is not an exported artifact folder")
+
+
+def test_cli_precision_must_match_the_export(tmp_path_factory, tiny_fp16):
+    fp32 = exported(tmp_path_factory, "tiny")
+    assert_one_line_error(run_cli("export", "tensorrt", "--artifacts", str(fp32)),
+                          "--precision fp16 but", "holds fp32 ONNX files", "--precision fp16 --out")
+    assert_one_line_error(run_cli("export", "tensorrt", "--artifacts", str(tiny_fp16), "--precision", "fp32"),
+                          "holds fp16 ONNX files")
+
+
+def test_cli_names_the_missing_gpu_and_tensorrt(tiny_fp16, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert_one_line_error(run_cli("export", "tensorrt", "--artifacts", str(tiny_fp16)), "need a CUDA GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert_one_line_error(run_cli("export", "tensorrt", "--artifacts", str(tiny_fp16)),
+                          "TensorRT is not installed")
+    assert not (tiny_fp16 / "engines").exists()  # nothing half-written
+
+
+def test_cli_refuses_foreign_engines_without_rebuild(built, monkeypatch):
+    monkeypatch.setattr(cache, "current_target", lambda index=None: L4)
+    before = (built / "manifest.json").read_text()
+    result = run_cli("export", "tensorrt", "--artifacts", str(built), "--batch-sizes", "1,4")
+    assert_one_line_error(result, "another GPU, NVIDIA H100 80GB HBM3 (sm_90)", "add --rebuild")
+    assert (built / "manifest.json").read_text() == before
+
+
+def test_cli_up_to_date_engines_are_not_rebuilt(built, monkeypatch):
+    import unclip.export.tensorrt_build as build
+
+    monkeypatch.setattr(cache, "current_target", lambda index=None: HERE)
+    monkeypatch.setattr(build, "build_engine", lambda *a, **k: pytest.fail("nothing should be built"))
+    result = run_cli("export", "tensorrt", "--artifacts", str(built), "--batch-sizes", "1,4")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("up to date") == 6
+
+
+def test_cli_builds_only_what_is_missing(built, monkeypatch):
+    """The build itself is TensorRT's; here a stand-in returns bytes, to test the bookkeeping."""
+    import unclip.export.tensorrt_build as build
+
+    manifest = json.loads((built / "manifest.json").read_text())
+    del manifest["tensorrt"]["engines"]["decoder"]
+    (built / "manifest.json").write_text(json.dumps(manifest))
+    calls = []
+
+    def fake_build(onnx_path, network, inputs, profile, options):
+        calls.append((onnx_path.name, network, profile, options.timing_cache.name))
+        return b"new engine"
+
+    monkeypatch.setattr(cache, "current_target", lambda index=None: HERE)
+    monkeypatch.setattr(build, "build_engine", fake_build)
+    result = run_cli("export", "tensorrt", "--artifacts", str(built), "--batch-sizes", "1,4")
+    assert result.exit_code == 0, result.output
+    assert calls == [("decoder.onnx", "decoder", Profile(1, 8, 8),
+                      cache.timing_cache_file(built, HERE).name)]
+    entry = json.loads((built / "manifest.json").read_text())["tensorrt"]["engines"]["decoder"]
+    assert (built / entry["file"]).read_bytes() == b"new engine"
+    assert cache.engine_problem(built, json.loads((built / "manifest.json").read_text()), "decoder", "fp16",
+                                HERE) is None

@@ -1,0 +1,251 @@
+"""`unclip export tensorrt`: one TensorRT engine per exported ONNX network.
+
+Per network: optimisation profile from the batch sizes -> parse the ONNX file -> check that the
+fp16 graph kept its fragile nodes in fp32 -> build a strongly typed engine (the ONNX types decide
+each layer's precision: fp16 matmuls/convs, fp32 norms, softmax, exp and timestep embedding) with a
+persistent timing cache. Strong typing is the only way to get mixed precision that exists in both
+TensorRT 10 and 11 (11 removed BuilderFlag.FP16 and OBEY_PRECISION_CONSTRAINTS), so the precision
+is chosen when the ONNX files are exported (`unclip export onnx --precision fp16`).
+
+Everything above the `build_engine` call is plain Python and tested without TensorRT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from unclip.errors import UnclipError
+from unclip.export.fp16 import FRAGILE_OPS
+
+log = logging.getLogger("unclip")
+
+BATCH_AXIS = "batch"  # the one dynamic axis of the spec table (unclip.specs)
+DEFAULT_WORKSPACE_GB = 4.0
+DEFAULT_OPT_LEVEL = 3  # TensorRT's own default; 0..5, higher = longer build, maybe faster engine
+INSTALL_HINT = ("install TensorRT 10 or newer with its builder (pip install tensorrt, on a machine with an "
+                "NVIDIA GPU and driver); see docs/README-tensorrt.md")
+
+# How many rows each network sees for a call that makes B images (read off Pipeline.generate):
+# encode_text runs the prompts plus one "" row when guided; prior, text_proj and decoder run the
+# unconditional and conditional rows as one batch of 2B when guided; super-resolution is unguided.
+# (guided rows, unguided rows) as functions of B.
+ROWS = {
+    "text_encoder": (lambda b: b + 1, lambda b: b),
+    "prior": (lambda b: 2 * b, lambda b: b),
+    "text_proj": (lambda b: 2 * b, lambda b: b),
+    "decoder": (lambda b: 2 * b, lambda b: b),
+    "super_res_first": (lambda b: b, lambda b: b),
+    "super_res_last": (lambda b: b, lambda b: b),
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Rows of the batch axis an engine accepts: min <= opt <= max (opt is what TensorRT tunes for)."""
+
+    min: int
+    opt: int
+    max: int
+
+    def tag(self) -> str:
+        return f"b{self.min}-{self.opt}-{self.max}"
+
+    def shapes(self, shape: list[int | str]) -> tuple[tuple[int, ...], ...]:
+        """(min, opt, max) concrete shapes of a tensor whose spec shape has the batch axis."""
+        return tuple(tuple(rows if a == BATCH_AXIS else int(a) for a in shape)
+                     for rows in (self.min, self.opt, self.max))
+
+    def to_dict(self) -> dict:
+        return {"min": self.min, "opt": self.opt, "max": self.max}
+
+
+def profile_for(network: str, batch_sizes: list[int]) -> Profile:
+    """min: the smallest call without guidance (one prompt for the text encoder, which may see a
+    single prompt whatever B is, as num_images repeats rows after it); opt: the middle batch size,
+    guided; max: the largest batch size, guided."""
+    if network not in ROWS:
+        raise UnclipError(f"no batch rule for network {network!r}; known: {', '.join(ROWS)}")
+    sizes = sorted(set(batch_sizes))
+    guided, unguided = ROWS[network]
+    low = 1 if network == "text_encoder" else unguided(sizes[0])
+    return Profile(min=low, opt=guided(sizes[len(sizes) // 2]), max=guided(sizes[-1]))
+
+
+def profiles(networks: list[str], batch_sizes: list[int]) -> dict[str, Profile]:
+    return {name: profile_for(name, batch_sizes) for name in networks}
+
+
+def check_build_args(batch_sizes: list[int], workspace_gb: float, opt_level: int) -> None:
+    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise UnclipError(f"--batch-sizes {batch_sizes} must be positive integers, e.g. 1,4,8")
+    if not (workspace_gb > 0 and workspace_gb == workspace_gb and workspace_gb < 1024):
+        raise UnclipError(f"--workspace {workspace_gb} GB must be above 0 and below 1024 GB, e.g. 4")
+    if not 0 <= opt_level <= 5:
+        raise UnclipError(f"--opt-level {opt_level} must be 0..5 (TensorRT's builder optimisation level; "
+                          f"default {DEFAULT_OPT_LEVEL})")
+
+
+def fp16_fragile_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes of a FRAGILE_OPS type whose first input is fp16: in a strongly typed build they would
+    run in fp16 (normalisation variances overflow, softmax/exp saturate). Empty for a good export."""
+    typed = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*typed.graph.value_info, *typed.graph.input, *typed.graph.output]}
+    types.update({t.name: t.data_type for t in typed.graph.initializer})
+    return [f"{n.op_type} {n.name}" for n in typed.graph.node
+            if n.op_type in FRAGILE_OPS and n.input and types.get(n.input[0]) == onnx.TensorProto.FLOAT16]
+
+
+def check_fp32_islands(onnx_path: Path, network: str) -> None:
+    model = onnx.load(str(onnx_path), load_external_data=False)  # types only: no weights needed
+    bad = fp16_fragile_nodes(model)
+    if bad:
+        raise UnclipError(f"{network}: {len(bad)} node(s) that must compute in fp32 take fp16 inputs in "
+                          f"{onnx_path.name} ({', '.join(bad[:3])}); re-export with this unclip's "
+                          f"`unclip export onnx --precision fp16`")
+
+
+def build_failure_message(network: str, profile: Profile, errors: list[str], workspace_gb: float) -> str:
+    """One line: what failed, for which profile, TensorRT's own words, and the likely fix."""
+    text = " ".join(errors).lower()
+    if any(k in text for k in ("out of memory", "insufficient memory", "cudaerrormemoryallocation",
+                               "memory allocation", "workspace")):
+        fix = (f"out of GPU memory while choosing tactics: lower the largest --batch-sizes "
+               f"(max {profile.max} rows) or raise --workspace (now {workspace_gb:g} GB) if the GPU has room")
+    elif any(k in text for k in ("no implementation", "could not find any implementation",
+                                 "no valid tactic", "impossible to find")):
+        fix = (f"no kernel for a layer at these shapes: raise --workspace (now {workspace_gb:g} GB) or lower "
+               f"the largest --batch-sizes (max {profile.max} rows)")
+    else:
+        fix = ("re-run with a smaller maximum batch and a larger --workspace; if it persists, report "
+               "TensorRT's message above with your TensorRT version")
+    said = "; ".join(errors[-2:]) or "TensorRT returned no engine and logged no error"
+    return f"TensorRT failed to build {network} (batch rows min/opt/max {profile.tag()[1:]}): {said}; {fix}"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    workspace_gb: float = DEFAULT_WORKSPACE_GB
+    opt_level: int = DEFAULT_OPT_LEVEL
+    timing_cache: Path | None = None
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise UnclipError(f"TensorRT is not installed (import tensorrt failed); {INSTALL_HINT}") from None
+    return tensorrt
+
+
+def _logger(trt, errors: list[str]):
+    """A TensorRT logger that keeps error messages for the failure line and forwards the rest."""
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
+                errors.append(msg)
+                log.error("TensorRT: %s", msg)
+            elif severity == trt.ILogger.Severity.WARNING:
+                log.warning("TensorRT: %s", msg)
+
+    return Logger()
+
+
+def build_engine(onnx_path: Path, network: str, inputs: list[dict], profile: Profile,
+                 options: BuildOptions) -> bytes:
+    """A serialized engine for one network; `inputs` are the manifest's input entries (name, shape)."""
+    trt = import_tensorrt()
+    check_fp32_islands(onnx_path, network)
+    errors: list[str] = []
+    logger = _logger(trt, errors)
+    builder = trt.Builder(logger)
+    # STRONGLY_TYPED: required for mixed precision on 10.x, accepted (always on) on 11.x
+    definition = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(definition, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # reads <network>.onnx.data next to it itself
+        said = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
+        raise UnclipError(f"TensorRT's ONNX parser rejected {onnx_path.name} ({said}); check "
+                          f"`tensorrt_unsupported_ops` in the manifest and {INSTALL_HINT.split('; ')[1]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
+    config.builder_optimization_level = options.opt_level
+    trt_profile = builder.create_optimization_profile()
+    for tensor in inputs:
+        low, opt, high = profile.shapes(tensor["shape"])
+        trt_profile.set_shape(tensor["name"], low, opt, high)
+    config.add_optimization_profile(trt_profile)
+    cache_path = options.timing_cache
+    if cache_path is not None:
+        cached = cache_path.read_bytes() if cache_path.is_file() else b""
+        config.set_timing_cache(config.create_timing_cache(cached), False)  # False: refuse a foreign cache
+    serialized = builder.build_serialized_network(definition, config)
+    if serialized is None:
+        raise UnclipError(build_failure_message(network, profile, errors, options.workspace_gb))
+    if cache_path is not None:  # tactic timings found here speed up every later build on this GPU
+        write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    return bytes(serialized)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_tensorrt(folder: Path, precision: str, batch_sizes: list[int], options: BuildOptions,
+                    rebuild: bool = False, target=None) -> tuple[dict, list[str], list[str]]:
+    """Build the engines DIR needs on this machine; returns (manifest, built, up to date)."""
+    from unclip.export import manifest as layout
+    from unclip.export import tensorrt_cache as cache
+
+    folder = Path(folder)
+    manifest = layout.read_manifest(folder)
+    check_artifact_precision(manifest, folder, precision)
+    layout.verify_files(folder, manifest)
+    target = target or cache.current_target()
+    wanted = {name: profile_for(name, batch_sizes) for name in manifest["networks"]}
+    build, current = cache.plan_builds(folder, manifest, {n: p.to_dict() for n, p in wanted.items()},
+                                       precision, target, rebuild)
+    if options.timing_cache is None:
+        timing = cache.timing_cache_file(folder, target)
+        options = BuildOptions(options.workspace_gb, options.opt_level, timing)
+    entries = {}
+    for i, network in enumerate(build, 1):
+        entry = manifest["networks"][network]
+        profile = wanted[network]
+        log.info("building %s (%d/%d, %s, rows %s)", network, i, len(build), precision, profile.tag())
+        data = build_engine(folder / entry["file"], network, entry["inputs"], profile, options)
+        new = cache.engine_entry(network, precision, profile.to_dict(), entry["sha256"], target,
+                                 hashlib.sha256(data).hexdigest(),
+                                 {"workspace_gb": options.workspace_gb, "opt_level": options.opt_level,
+                                  "strongly_typed": True})
+        write_atomic(folder / new["file"], data)
+        entries[network] = new
+        manifest = cache.record_engines(folder, entries)  # after each engine: a crash keeps the ones done
+    return manifest, build, current
+
+
+def check_artifact_precision(manifest: dict, folder: Path, precision: str) -> None:
+    exported = manifest.get("precision")
+    if precision != exported:
+        raise UnclipError(f"--precision {precision} but {folder} holds {exported} ONNX files: TensorRT "
+                          f"builds strongly typed engines, whose precision is the ONNX graph's; re-export "
+                          f"with `unclip export onnx --precision {precision} --out {folder}` or pass "
+                          f"--precision {exported}")

@@ -21,17 +21,17 @@ TIMESTEP_INPUT = "timestep"
 
 
 def timestep_subgraph(model: onnx.ModelProto, source: str = TIMESTEP_INPUT) -> list[str]:
-    """Names of the nodes computed from `source` and constants alone (nodes are in topological
-    order in an ONNX graph, so one forward pass finds them)."""
+    """Names of the nodes computed from `source`, constants and tensor shapes alone (the UNets
+    expand t to the batch size read from the sample's shape). ONNX nodes are in topological
+    order, so one forward pass finds them."""
     constant = {t.name for t in model.graph.initializer} | {""}
     derived = {source} if source in {i.name for i in model.graph.input} else set()
     names = []
     for node in model.graph.node:
-        if node.op_type == "Constant":
-            constant.update(node.output)
-            continue
         inputs = set(node.input)
-        if derived & inputs and inputs <= derived | constant:
+        if node.op_type in ("Constant", "Shape") or inputs <= constant:
+            constant.update(node.output)
+        elif derived & inputs and inputs <= derived | constant:
             derived.update(node.output)
             names.append(node.name)
     return names
@@ -40,23 +40,28 @@ def timestep_subgraph(model: onnx.ModelProto, source: str = TIMESTEP_INPUT) -> l
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxconverter_common import float16
 
+    output_types = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}  # converted in place
+    _infer_shapes_without_weights(model)  # the converter's own inference cannot pass 2 GB
     with warnings.catch_warnings():  # one warning per weight below fp16's smallest normal: expected
         warnings.simplefilter("ignore", UserWarning)
         half = float16.convert_float_to_float16(
             model, keep_io_types=True, op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FRAGILE_OPS,
-            node_block_list=timestep_subgraph(model), disable_shape_infer=False)
+            node_block_list=timestep_subgraph(model), disable_shape_infer=True)
     _fix_casts_to_float(half)
-    _restore_output_types(model, half)
+    _restore_output_types(output_types, half)
     return half
 
 
-def _restore_output_types(original: onnx.ModelProto, half: onnx.ModelProto) -> None:
+def _restore_output_types(want: dict[str, int], half: onnx.ModelProto) -> None:
     """keep_io_types misses an output that other nodes also consume (the text encoder's hidden
-    states feed its pooling): cast any output the converter left in fp16 back to its own type."""
-    want = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
+    states feed its pooling): end every float output not already made by a Cast in a Cast to its
+    own type (a no-op where it was fp32 anyway, which ORT and TensorRT remove)."""
+    producers = {out: node for node in half.graph.node for out in node.output}
     for output in half.graph.output:
-        elem = want[output.name]
-        if output.type.tensor_type.elem_type == elem:
+        elem, producer = want[output.name], producers.get(output.name)
+        if elem != onnx.TensorProto.FLOAT or (
+                producer is not None and producer.op_type == "Cast"
+                and onnx.helper.get_attribute_value(producer.attribute[0]) == elem):
             continue
         inner = output.name + "_fp16"
         for node in half.graph.node:
@@ -65,6 +70,21 @@ def _restore_output_types(original: onnx.ModelProto, half: onnx.ModelProto) -> N
         half.graph.node.append(onnx.helper.make_node("Cast", [inner], [output.name], to=elem,
                                                      name=output.name + "_to_output_type"))
         output.type.tensor_type.elem_type = elem
+
+
+def _infer_shapes_without_weights(model: onnx.ModelProto, large: int = 1 << 20) -> None:
+    """Shape inference needs weights' shapes, not their bytes: lift large initializers' bytes out,
+    infer (the model is now small enough to serialise), then put them back."""
+    lifted = [(t, t.raw_data) for t in model.graph.initializer if len(t.raw_data) >= large]
+    for tensor, _ in lifted:
+        tensor.ClearField("raw_data")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    finally:
+        for tensor, data in lifted:
+            tensor.raw_data = data
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
 
 
 def _fix_casts_to_float(model: onnx.ModelProto) -> None:

@@ -51,7 +51,7 @@ def clean_graph(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
     if model_size(model) >= EXTERNAL_DATA_BYTES:
         # onnxsim takes the model as one serialised protobuf, which cannot pass 2 GB; the traced graph
         # is already constant-folded by torch, and ORT/TensorRT optimise again when they load it.
-        log.warning("%s is over 2 GB: graph clean-up skipped (not verified on this path)", name)
+        log.info("%s is over 2 GB: graph clean-up skipped", name)
         return model
     with _quiet_native_output():
         simplified, ok = onnxsim.simplify(model)

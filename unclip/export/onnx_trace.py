@@ -73,7 +73,9 @@ def save_network(model: onnx.ModelProto, path: Path,
 
 
 def model_size(model: onnx.ModelProto) -> float:
+    from google.protobuf.message import EncodeError
+
     try:
         return model.ByteSize()
-    except ValueError:  # protobuf refuses to size messages past 2 GiB
+    except (ValueError, EncodeError):  # protobuf refuses to size messages past 2 GiB
         return float("inf")

@@ -427,3 +427,13 @@ def test_cli_builds_only_what_is_missing(built, monkeypatch):
     assert (built / entry["file"]).read_bytes() == b"new engine"
     assert cache.engine_problem(built, json.loads((built / "manifest.json").read_text()), "decoder", "fp16",
                                 HERE) is None
+
+    recorded = json.loads((built / "manifest.json").read_text())["tensorrt"]["engines"]
+    old = {n: e["file"] for n, e in recorded.items()}
+    monkeypatch.setattr(cache, "current_target", lambda index=None: L4)
+    result = run_cli("export", "tensorrt", "--artifacts", str(built), "--batch-sizes", "1,4", "--rebuild")
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 7 and result.stdout.count(" built ") == 6
+    new = json.loads((built / "manifest.json").read_text())["tensorrt"]["engines"]
+    assert all("nvidia-l4-sm89" in e["file"] and (built / e["file"]).is_file() for e in new.values())
+    assert not any((built / f).exists() for f in old.values())  # replaced engines are deleted

@@ -238,7 +238,10 @@ def export_tensorrt(folder: Path, precision: str, batch_sizes: list[int], option
                                   "strongly_typed": True})
         write_atomic(folder / new["file"], data)
         entries[network] = new
+        old = cache.engine_entries(manifest).get(network)
         manifest = cache.record_engines(folder, entries)  # after each engine: a crash keeps the ones done
+        if old and old["file"] != new["file"]:  # no longer listed anywhere: nothing could load it
+            (folder / old["file"]).unlink(missing_ok=True)
     return manifest, build, current
 
 

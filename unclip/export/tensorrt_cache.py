@@ -6,8 +6,9 @@ that built it. All of these are in the file name and in the artifact manifest, u
 
     DIR/engines/<network>.<precision>.b<min>-<opt>-<max>.<gpu>-sm<cc>.trt<version>.<onnx sha[:12]>.engine
 
-so engines for several GPUs can live side by side, and one whose ONNX file changed is never
-picked up. Standard library only (a serving process imports it without torch network code).
+so a file is never mistaken for another build, and one whose ONNX file changed is never picked
+up. The manifest lists one engine per network; building for another GPU (--rebuild) replaces it.
+Standard library only (a serving process imports it without torch network code).
 """
 
 from __future__ import annotations

@@ -103,6 +103,7 @@ def test_results_json_fields_and_consistency(bench_out):
         assert positive_finite(info["startup_s"])
         # same weights and seed: the first images match the baseline's (fp32; 1 level of rounding)
         assert info["first_image_max_abs_diff_vs_baseline"] <= 1
+        assert 0 <= info["first_image_mean_abs_diff_vs_baseline"] <= 1
     if "onnxruntime" in BACKENDS:
         assert Path(doc["runners"]["onnxruntime"]["model"], "manifest.json").exists()  # an export
 

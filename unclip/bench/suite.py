@@ -137,8 +137,10 @@ def run_suite(cfg: BenchConfig, argv: list[str], progress: bool = True) -> Resul
                                          startup_s=cold - reply["load_s"] - reply["first_image_s"])
             bar.update()
         for name in runners:
-            diff = np.abs(first_images[name].astype(int) - first_images[BASELINE].astype(int)).max()
-            results.runners[name]["first_image_max_abs_diff_vs_baseline"] = int(diff)  # uint8 levels
+            diff = np.abs(first_images[name].astype(int) - first_images[BASELINE].astype(int))
+            # uint8 levels; the mean tells a few amplified pixels (random weights, CFG) from a wrong image
+            results.runners[name]["first_image_max_abs_diff_vs_baseline"] = int(diff.max())
+            results.runners[name]["first_image_mean_abs_diff_vs_baseline"] = float(diff.mean())
         bar.set_postfix_str("matmul peak")
         results.matmul_peak = workers[BASELINE].call("matmul_peak")
         for batch in cfg.batch_sizes:

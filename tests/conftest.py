@@ -50,7 +50,10 @@ def pytest_collection_modifyitems(config, items):
     except ImportError:
         has_trt = False
     for item in items:
+        missing = []
         if "gpu" in item.keywords and not has_cuda:
-            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)"))
+            missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
         if "tensorrt" in item.keywords and not has_trt:
-            item.add_marker(pytest.mark.skip(reason="needs TensorRT (import tensorrt failed)"))
+            missing.append("TensorRT (import tensorrt failed)")
+        if missing:
+            item.add_marker(pytest.mark.skip(reason="needs " + " and ".join(missing)))

@@ -69,8 +69,10 @@ def test_saved_preset_reloads_to_identical_outputs(tmp_path):
 
 
 def test_no_prior_mode_runs_and_differs(tmp_path):
-    assert run("generate", "a red circle", "--out", str(tmp_path / "p"), *FAST).exit_code == 0
-    result = run("generate", "a red circle", "--no-prior", "--out", str(tmp_path / "n"), *FAST)
+    first = run("generate", "a red circle", "--model", "tiny", "--out", str(tmp_path / "p"), *FAST)
+    assert first.exit_code == 0, first.output
+    result = run("generate", "a red circle", "--model", "tiny", "--no-prior", "--out", str(tmp_path / "n"),
+                 *FAST)
     assert result.exit_code == 0, result.output
     with_prior = np.asarray(Image.open(tmp_path / "p" / "0000.png"), dtype=float)
     without = np.asarray(Image.open(tmp_path / "n" / "0000.png"), dtype=float)
@@ -87,7 +89,7 @@ def test_info_counts_karlo_parameters_without_allocating():
 
 
 def test_over_long_prompt_is_truncated_with_a_warning(tmp_path):
-    result = run("generate", "a red circle " * 40, "--out", str(tmp_path), *FAST)
+    result = run("generate", "a red circle " * 40, "--model", "tiny", "--out", str(tmp_path), *FAST)
     assert result.exit_code == 0, result.output
     assert "unclip: warning:" in result.stderr and "truncated to the tokenizer's limit of 77" in result.stderr
     assert (tmp_path / "0000.png").exists()
@@ -107,7 +109,7 @@ def test_over_long_prompt_is_truncated_with_a_warning(tmp_path):
     (["a", "--num-images", "-2"], ["--num-images"]),
     (["a", "--prior-guidance", "nan"], ["--prior-guidance", "finite"]),
     (["a", "--decoder-guidance", "inf"], ["--decoder-guidance", "finite"]),
-    (["a", "--model", "no-such-model"], ["neither an existing folder nor a preset"]),
+    (["a", "--model", "no-such-model"], ["neither an existing folder nor a preset", "'demo'"]),
     (["a", "--backend", "nope"], ["unknown backend 'nope'"]),
     (["a", "--device", "tpu"], ["unknown device 'tpu'"]),
 ])

@@ -15,7 +15,7 @@ from unclip.errors import UnclipError
 from unclip.export.cli import export
 from unclip.models import DEFAULT_MODEL
 
-MODEL_HELP = "checkpoint folder (diffusers UnCLIPPipeline layout) or preset: tiny, small, karlo"
+MODEL_HELP = "checkpoint folder (diffusers UnCLIPPipeline layout) or random-weight preset: tiny, small, karlo"
 
 
 class _Group(click.Group):
@@ -178,6 +178,40 @@ def info(model: str) -> None:
     click.echo(f"  {'total':<16} {sum(counts.values()):>15,d} parameters")
     for key, value in model_dims(components).to_dict().items():
         click.echo(f"  {key:<16} {value}")
+
+
+@cli.command()
+@click.option("--model", required=True, help="a shapes-world model folder with a CLIP image_encoder/")
+@click.option("--trained-prompts", type=int, default=24, show_default=True,
+              help="how many trained colour/shape/background combinations to test (seeded choice)")
+@click.option("--held-out-prompts", type=int, default=6, show_default=True,
+              help="how many of the combinations held out of training to test")
+@click.option("--images-per-prompt", type=int, default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="write the full results as JSON")
+def evaluate(model: str, trained_prompts: int, held_out_prompts: int, images_per_prompt: int, seed: int,
+             out: Path | None) -> None:
+    """Score generated images: colours and shape read from the pixels, and CLIP retrieval."""
+    import json
+
+    from unclip.models.evaluation import evaluate as run_evaluation
+
+    if min(trained_prompts, held_out_prompts) < 0 or images_per_prompt < 1:
+        raise UnclipError("prompt counts must be >= 0 and --images-per-prompt >= 1")
+    if out is not None:
+        check_output_folder(out.parent if out.parent != Path("") else Path("."))
+        if out.is_dir():
+            raise UnclipError(f"--out {out} is a folder; give a file path for the JSON results")
+    result = run_evaluation(model, trained=trained_prompts, held_out=held_out_prompts,
+                            images_per_prompt=images_per_prompt, seed=seed, progress=True)
+    click.echo(f"{'group':<10} {'prompts':>7} {'images':>6} {'all three':>9} {'background':>10} "
+               f"{'colour':>6} {'shape':>5} {'CLIP top-1':>10}")
+    for group, row in result["summary"].items():
+        click.echo(f"{group:<10} {row['prompts']:>7} {row['images']:>6} {row['attribute_accuracy']:>9.1%} "
+                   f"{row['background_accuracy']:>10.1%} {row['colour_accuracy']:>6.1%} "
+                   f"{row['shape_accuracy']:>5.1%} {row['clip_retrieval_top1']:>10.1%}")
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2))
 
 
 cli.add_command(export)

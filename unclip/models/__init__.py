@@ -1,4 +1,4 @@
-"""Presets, checkpoints (diffusers' UnCLIPPipeline layout) and the network adapters."""
+"""Presets, checkpoints (diffusers' UnCLIPPipeline layout), the demo model and network adapters."""
 
 from __future__ import annotations
 
@@ -7,18 +7,32 @@ from pathlib import Path
 from unclip.errors import UnclipError
 from unclip.models.presets import PRESETS
 
-DEFAULT_MODEL = "tiny"  # until the trained demo model ships
+DEMO_FOLDER = Path(__file__).parent / "demo"  # where the trained demo model ships once it passes
+DEFAULT_MODEL = "tiny"  # becomes "demo" when the trained demo model meets its accuracy bar
 
 
-def load_model(model: str | Path, allow_pickle: bool = False, seed: int = 0):
-    """A checkpoint folder, or a preset name (random weights from `seed`)."""
-    from unclip.models.checkpoint import load_components
-    from unclip.models.components import build_preset
-
+def resolve_model_path(model: str | Path) -> Path:
+    """A checkpoint folder, or the folder of the built-in demo model for the name 'demo'."""
     path = Path(model)
     if path.exists():
-        return load_components(path, allow_pickle=allow_pickle)
-    if str(model) in PRESETS:
-        return build_preset(str(model), seed=seed)
+        return path
+    if str(model) == "demo":
+        if not (DEMO_FOLDER / "model_index.json").exists():
+            raise UnclipError(f"this build of unclip ships no demo model ({DEMO_FOLDER} is missing); "
+                              "train one with `python -m training.train_demo` or pass a checkpoint folder")
+        return DEMO_FOLDER
     raise UnclipError(f"model {str(model)!r} is neither an existing folder nor a preset "
-                      f"({', '.join(PRESETS)})")
+                      f"({', '.join(PRESETS)}) nor 'demo'")
+
+
+def load_model(model, allow_pickle: bool = False, seed: int = 0):
+    """Components from loaded components, a checkpoint folder, 'demo', or a preset name
+    (random weights from `seed`)."""
+    from unclip.models.checkpoint import load_components
+    from unclip.models.components import UnclipComponents, build_preset
+
+    if isinstance(model, UnclipComponents):
+        return model
+    if str(model) in PRESETS and not Path(model).exists():
+        return build_preset(str(model), seed=seed)
+    return load_components(resolve_model_path(model), allow_pickle=allow_pickle)

@@ -44,6 +44,9 @@ def save_components(components: UnclipComponents, out: Path) -> None:
         raise UnclipError(f"--out {out} is a file; give a folder path")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the model folder should read like any other
     try:
         index = {"_class_name": "UnCLIPPipeline", "_diffusers_version": _version("diffusers")}
         index.update({name: list(lib) for name, lib in LIBRARIES.items()})
@@ -193,5 +196,6 @@ def load_components(path: str | Path, allow_pickle: bool = False) -> UnclipCompo
             schedulers[name] = SchedulerConfig.from_dict(data)
         except (TypeError, ValueError) as exc:
             raise UnclipError(f"config of {name!r} is not supported: {exc}") from None
-    return UnclipComponents(tokenizer=tokenizer, schedulers=schedulers, name=str(root),
+    name = "demo" if root.resolve() == (Path(__file__).parent / "demo").resolve() else str(root)
+    return UnclipComponents(tokenizer=tokenizer, schedulers=schedulers, name=name,
                             extra={"folder": str(root)}, **networks)

@@ -56,14 +56,14 @@ def build_vocabulary(words: list[str] = WORDS) -> tuple[dict[str, int], list[str
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
-def write_tokenizer(folder: Path) -> dict[str, int]:
+def write_tokenizer(folder: Path, max_length: int = MAX_LENGTH) -> dict[str, int]:
     """Write a CLIPTokenizer folder; returns the special token ids the text encoder needs."""
     vocab, merges = build_vocabulary()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": PAD}
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH,
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length,
               "do_lower_case": True, **special}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))

@@ -14,6 +14,7 @@ class TorchBackend:
 
     def __init__(self, components: UnclipComponents, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
+        self.components = components
         self.dims = model_dims(components)
         self.specs = network_specs(self.dims)
         self.networks = {k: m.to(self.device).eval() for k, m in adapters(components).items()}

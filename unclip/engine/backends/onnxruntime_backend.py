@@ -7,7 +7,6 @@ so the sampling loop's torch CUDA tensors never cross to the host.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -18,14 +17,15 @@ from unclip.specs import DTYPES
 
 NUMPY = {name: torch.empty(0, dtype=dtype).numpy().dtype for name, dtype in DTYPES.items()}
 
-# Measured on this project's 2-core CPU machine, shared with other jobs (load ~5), small preset,
-# ORT 1.32, one prompt, prior/decoder/super-res steps 3/4/2, best of 2 after a warm-up, twice:
-#   intra-op threads 1: BASIC 5.55-5.67 s, EXTENDED 5.48-5.58 s, ALL 5.14-5.25 s
-#   intra-op threads 2: BASIC 8.58-10.07 s, EXTENDED 6.24-8.37 s, ALL 6.15-8.02 s
-# ORT_ENABLE_ALL (NCHWc conv layouts, fused attention/GELU) is fastest at both; a second
-# spinning thread loses on two busy cores. Larger machines keep ORT's default (one thread per
-# physical core), which was not measured here. Inter-op parallelism: these graphs are one path.
-INTRA_OP_THREADS = 1 if (os.cpu_count() or 1) <= 2 else 0  # 0 = ORT's default
+# Measured on this project's 2-core CPU machine, small preset, ORT 1.32, one prompt,
+# prior/decoder/super-res steps 3/4/2, three runs after a warm-up:
+#   idle machine:  intra-op threads 1: 2.26-2.30 s;  2: 1.45-1.49 s;  ORT default (0): 1.47-1.53 s
+#   shared with other jobs (load ~5), best of 2: threads 1 with ALL 5.14-5.25 s, 2 with ALL 6.15-8.02 s;
+#   graph optimisation BASIC 5.55-5.67 s, EXTENDED 5.48-5.58 s, ALL 5.14-5.25 s (1 thread)
+# ORT_ENABLE_ALL (NCHWc conv layouts, fused attention/GELU) is fastest. Threads: ORT's default
+# (one per physical core) wins on a machine to itself, which is what a service runs on; only a
+# machine crowded by other jobs favoured one thread. Inter-op parallelism: these graphs are one path.
+INTRA_OP_THREADS = 0  # 0 = ORT's default
 GRAPH_OPTIMIZATION = "ORT_ENABLE_ALL"
 
 

@@ -140,7 +140,10 @@ def test_ctrl_c_leaves_partial_results(tmp_path):
     marker = f"interrupt-marker-{os.getpid()}"  # in the workers' command lines: find leftovers
     proc = subprocess.Popen(bench_command(out, tmp_path / "cache", "--backends", "torch", "--warmup", "0",
                                           "--repeat", "500", "--batch-sizes", "1", "--prompt", marker),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            # a test run started in the background inherits SIGINT ignored, and Python
+                            # then installs no Ctrl-C handler: give the child the default, as a terminal does
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         try:

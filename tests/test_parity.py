@@ -14,21 +14,10 @@ import torch
 TOLERANCE = 1e-4
 
 
-def diffusers_pipeline(c):
-    from diffusers import UnCLIPPipeline, UnCLIPScheduler
+def diffusers_pipeline(components):
+    from unclip.bench.baseline import diffusers_pipeline as build
 
-    def scheduler(name):
-        cfg = c.schedulers[name].to_dict()
-        cfg.pop("_class_name")
-        return UnCLIPScheduler(**cfg)
-
-    pipe = UnCLIPPipeline(
-        prior=c.prior, decoder=c.decoder, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-        text_proj=c.text_proj, super_res_first=c.super_res_first, super_res_last=c.super_res_last,
-        prior_scheduler=scheduler("prior_scheduler"), decoder_scheduler=scheduler("decoder_scheduler"),
-        super_res_scheduler=scheduler("super_res_scheduler"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return build(components, "cpu")
 
 
 CONFIGS = [

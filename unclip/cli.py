@@ -13,6 +13,7 @@ import click
 from unclip.bench.cli import bench
 from unclip.errors import UnclipError
 from unclip.export.cli import export
+from unclip.folders import check_output_folder
 from unclip.models import DEFAULT_MODEL
 
 MODEL_HELP = "checkpoint folder (diffusers UnCLIPPipeline layout) or random-weight preset: tiny, small, karlo"
@@ -54,20 +55,6 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-
-
-def check_output_folder(out: Path) -> None:
-    """Fail before any work if the images could not be written."""
-    if out.exists() and not out.is_dir():
-        raise UnclipError(f"--out {out} is a file; give a folder path")
-    existing = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise UnclipError(f"--out {out} cannot be created: {existing} is a file; choose another folder")
-    try:  # a real probe: permission bits do not tell for root or read-only file systems
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as exc:
-        raise UnclipError(f"--out {out} is not writable ({existing}: {exc.strerror or exc}); "
-                          "choose another folder") from None
 
 
 def write_images(images: list, out: Path, metadata: list[dict[str, str]]) -> list[Path]:

@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from unclip.errors import UnclipError
+from unclip.folders import check_output_folder, staged_folder  # noqa: F401 (the layout's writers)
 
 FORMAT = "unclip-onnx"
 FORMAT_VERSION = 1
@@ -94,49 +90,6 @@ def verify_files(folder: Path, manifest: dict) -> None:
     """Every file the manifest lists (networks, their external data, configs, tokenizer)."""
     for relative, digest in manifest.get("files", {}).items():
         verify_file(folder, relative, digest)
-
-
-def check_output_folder(out: Path) -> None:
-    """Fail before any work when DIR cannot become a folder."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UnclipError(f"--out {out} is a file; give a folder path (it is created or replaced)")
-    probe = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UnclipError(f"--out {out} is not writable ({probe} denies writing); choose another folder")
-
-
-@contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
-    """Yield an empty temporary sibling of `out`; on success it replaces `out`, on any error it is
-    deleted and `out` is untouched. The swap is two renames on one file system; the old folder is
-    removed only after the new one is in place."""
-    out = Path(out)
-    check_output_folder(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
-    try:
-        yield tmp
-        _readable_by_all(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _readable_by_all(folder: Path) -> None:
-    """mkdtemp (and some writers) create owner-only modes; give the artifact the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def checksums(folder: Path) -> dict[str, str]:

@@ -8,15 +8,13 @@ loader refuses). Weights load from safetensors only unless pickle is explicitly 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from unclip.engine.scheduler import SchedulerConfig
 from unclip.errors import UnclipError
+from unclip.folders import staged_folder
 from unclip.models.components import NETWORKS, SCHEDULERS, UnclipComponents, network_classes
 from unclip.models.presets import PRESETS
 
@@ -39,15 +37,7 @@ def save_components(components: UnclipComponents, out: Path) -> None:
     """Write the folder atomically: a temporary sibling, then one rename."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UnclipError(f"--out {out} is a file; give a folder path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the model folder should read like any other
-    try:
+    with staged_folder(Path(out)) as tmp:
         index = {"_class_name": "UnCLIPPipeline", "_diffusers_version": _version("diffusers")}
         index.update({name: list(lib) for name, lib in LIBRARIES.items()})
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
@@ -68,16 +58,6 @@ def save_components(components: UnclipComponents, out: Path) -> None:
         for name, config in components.schedulers.items():
             (tmp / name).mkdir()
             (tmp / name / "scheduler_config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_tokenizer_files(tokenizer, folder: Path) -> None:

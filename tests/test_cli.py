@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def test_generate_writes_pngs_prompt_major(tmp_path):
             assert img.text["seed"] == "5" and img.text["model"] == "tiny"
             assert "decoder 3" in img.text["steps"] and "decoder 8.0" in img.text["guidance"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert paths[0].stat().st_mode & 0o777 == 0o666 & ~umask  # the usual file mode, not mkstemp's 0600
 
 
 @pytest.mark.slow

@@ -76,7 +76,10 @@ def write_images(images: list, out: Path, metadata: list[dict[str, str]]) -> lis
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         raise UnclipError(f"cannot write images to {out}: {exc.strerror or exc}") from None
+    umask = os.umask(0)
+    os.umask(umask)
     for tmp, final in staged:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; images should read like any other file
         os.replace(tmp, final)
     return [final for _, final in staged]
 

@@ -8,31 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from unclip.cli import cli
+from tests.cli_helpers import assert_one_line_error, run_cli
 
 FAST = ["--prior-steps", "3", "--decoder-steps", "3", "--super-res-steps", "2"]
 
 
-def run(*args: str):
-    return CliRunner().invoke(cli, list(args))
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("unclip: error: ")
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_generate_writes_pngs_prompt_major(tmp_path):
     out = tmp_path / "out"
-    result = run("generate", "a red circle", "a blue square", "--num-images", "2", "--seed", "5",
+    result = run_cli("generate", "a red circle", "a blue square", "--num-images", "2", "--seed", "5",
                  "--model", "tiny", "--out", str(out), *FAST)
     assert result.exit_code == 0, result.output
     paths = [Path(p) for p in result.stdout.split()]
@@ -53,7 +38,7 @@ def test_generate_writes_pngs_prompt_major(tmp_path):
 
 @pytest.mark.slow
 def test_generate_small_preset(tmp_path):
-    result = run("generate", "a red circle", "--model", "small", "--out", str(tmp_path), *FAST)
+    result = run_cli("generate", "a red circle", "--model", "small", "--out", str(tmp_path), *FAST)
     assert result.exit_code == 0, result.output
     with Image.open(tmp_path / "0000.png") as img:
         assert img.size == (128, 128)
@@ -61,11 +46,11 @@ def test_generate_small_preset(tmp_path):
 
 
 def test_saved_preset_reloads_to_identical_outputs(tmp_path):
-    assert run("init", "--preset", "tiny", "--out", str(tmp_path / "ckpt")).exit_code == 0
+    assert run_cli("init", "--preset", "tiny", "--out", str(tmp_path / "ckpt")).exit_code == 0
     assert (tmp_path / "ckpt" / "model_index.json").exists()
     assert (tmp_path / "ckpt" / "tokenizer" / "vocab.json").exists()
     for model, out in (("tiny", "a"), (str(tmp_path / "ckpt"), "b")):
-        assert run("generate", "a red circle", "--model", model, "--out", str(tmp_path / out),
+        assert run_cli("generate", "a red circle", "--model", model, "--out", str(tmp_path / out),
                    *FAST).exit_code == 0
     a = np.asarray(Image.open(tmp_path / "a" / "0000.png"))
     b = np.asarray(Image.open(tmp_path / "b" / "0000.png"))
@@ -73,9 +58,10 @@ def test_saved_preset_reloads_to_identical_outputs(tmp_path):
 
 
 def test_no_prior_mode_runs_and_differs(tmp_path):
-    first = run("generate", "a red circle", "--model", "tiny", "--out", str(tmp_path / "p"), *FAST)
+    first = run_cli("generate", "a red circle", "--model", "tiny", "--out", str(tmp_path / "p"), *FAST)
     assert first.exit_code == 0, first.output
-    result = run("generate", "a red circle", "--model", "tiny", "--no-prior", "--out", str(tmp_path / "n"),
+    result = run_cli("generate", "a red circle", "--model", "tiny", "--no-prior",
+                     "--out", str(tmp_path / "n"),
                  *FAST)
     assert result.exit_code == 0, result.output
     with_prior = np.asarray(Image.open(tmp_path / "p" / "0000.png"), dtype=float)
@@ -84,7 +70,7 @@ def test_no_prior_mode_runs_and_differs(tmp_path):
 
 
 def test_info_counts_karlo_parameters_without_allocating():
-    result = run("info", "--model", "karlo")
+    result = run_cli("info", "--model", "karlo")
     assert result.exit_code == 0, result.output
     counts = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in result.stdout.splitlines()
               if line.strip().endswith("parameters")}
@@ -93,7 +79,7 @@ def test_info_counts_karlo_parameters_without_allocating():
 
 
 def test_over_long_prompt_is_truncated_with_a_warning(tmp_path):
-    result = run("generate", "a red circle " * 40, "--model", "tiny", "--out", str(tmp_path), *FAST)
+    result = run_cli("generate", "a red circle " * 40, "--model", "tiny", "--out", str(tmp_path), *FAST)
     assert result.exit_code == 0, result.output
     assert "unclip: warning:" in result.stderr and "truncated to the tokenizer's limit of 77" in result.stderr
     assert (tmp_path / "0000.png").exists()
@@ -119,21 +105,21 @@ def test_over_long_prompt_is_truncated_with_a_warning(tmp_path):
 ])
 def test_bad_generate_arguments(tmp_path, args, needles):
     out = tmp_path / "out"
-    assert_one_line_error(run("generate", *args, "--out", str(out)), *needles)
+    assert_one_line_error(run_cli("generate", *args, "--out", str(out)), *needles)
     assert not out.exists()
 
 
 def test_output_path_that_is_a_file(tmp_path):
     target = tmp_path / "file.png"
     target.write_bytes(b"keep me")
-    assert_one_line_error(run("generate", "a", "--out", str(target)), "is a file")
+    assert_one_line_error(run_cli("generate", "a", "--out", str(target)), "is a file")
     assert target.read_bytes() == b"keep me"
-    assert_one_line_error(run("generate", "a", "--out", str(target / "sub")), "is a file")
+    assert_one_line_error(run_cli("generate", "a", "--out", str(target / "sub")), "is a file")
 
 
 def test_output_path_not_writable():
     # /sys refuses new files even to root; permission bits alone would not stop root.
-    assert_one_line_error(run("generate", "a", "--out", "/sys/unclip-out"), "not writable")
+    assert_one_line_error(run_cli("generate", "a", "--out", "/sys/unclip-out"), "not writable")
 
 
 def _copy(folder: Path, tmp_path: Path) -> Path:
@@ -144,7 +130,8 @@ def _copy(folder: Path, tmp_path: Path) -> Path:
 
 def _expect_model_error(model: Path, tmp_path: Path, *needles: str) -> None:
     out = tmp_path / "out"
-    assert_one_line_error(run("generate", "a red circle", "--model", str(model), "--out", str(out)), *needles)
+    result = run_cli("generate", "a red circle", "--model", str(model), "--out", str(out))
+    assert_one_line_error(result, *needles)
     assert not out.exists()
 
 
@@ -195,13 +182,13 @@ def test_pickle_checkpoint_needs_opt_in(tiny_folder, tmp_path):
     torch.save(load_file(weights), model / "prior" / "diffusion_pytorch_model.bin")
     weights.unlink()
     _expect_model_error(model, tmp_path, "pickle", "--allow-pickle")
-    result = run("generate", "a", "--model", str(model), "--allow-pickle", "--out", str(tmp_path / "ok"),
+    result = run_cli("generate", "a", "--model", str(model), "--allow-pickle", "--out", str(tmp_path / "ok"),
                  *FAST)
     assert result.exit_code == 0, result.output
 
 
 def test_init_rejects_unknown_preset_and_file_target(tmp_path):
-    assert_one_line_error(run("init", "--preset", "huge", "--out", str(tmp_path / "x")), "unknown preset")
+    assert_one_line_error(run_cli("init", "--preset", "huge", "--out", str(tmp_path / "x")), "unknown preset")
     target = tmp_path / "f"
     target.write_text("x")
-    assert_one_line_error(run("init", "--preset", "tiny", "--out", str(target)), "is a file")
+    assert_one_line_error(run_cli("init", "--preset", "tiny", "--out", str(target)), "is a file")

@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
+from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.conftest import FAST_STEPS
 from tests.onnx_artifacts import copy_of, exported, siblings
 
@@ -20,21 +20,6 @@ FP32_TOLERANCE = 2 / 255
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory):
     return exported(tmp_path_factory, "tiny")
-
-
-def run_cli(*args: str):
-    from unclip.cli import cli
-
-    return CliRunner().invoke(cli, list(args))
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("unclip: error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("prompts,settings", [

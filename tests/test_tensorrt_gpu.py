@@ -10,8 +10,8 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
+from tests.cli_helpers import run_cli
 from tests.conftest import FAST_STEPS
 from tests.onnx_artifacts import copy_of, exported
 
@@ -22,12 +22,6 @@ PROMPTS = ["a red circle on a blue background", "A green SQUARE!!"]
 # Unguided: a guided random-weight decoder amplifies per-network differences into flipped pixels
 # (measured for ONNX Runtime vs torch, README.md (ONNX section)), which would hide what this compares.
 UNGUIDED = dict(prior_guidance=1.0, decoder_guidance=1.0, **FAST_STEPS)
-
-
-def run_cli(*args: str):
-    from unclip.cli import cli
-
-    return CliRunner().invoke(cli, list(args))
 
 
 @pytest.fixture(scope="module")

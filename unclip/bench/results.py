@@ -9,14 +9,13 @@ FLOPs counted for the calls of a stage / that stage's median time.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from unclip.engine.profiling import STAGE_OF_NETWORK, STAGES
+from unclip.folders import write_file_atomic as write_atomic
 
 SCHEMA_VERSION = 1
 
@@ -116,19 +115,6 @@ class Results:
                                for (n, r), f in sorted(self.flops.items())],
             "runs": runs,
         }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """A reader (or a Ctrl-C) never sees half a file: write a sibling, then rename over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, document: dict) -> None:

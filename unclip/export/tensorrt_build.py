@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import onnx
 
 from unclip.errors import UnclipError
 from unclip.export.fp16 import FRAGILE_OPS
+from unclip.folders import write_file_atomic as write_atomic
 
 log = logging.getLogger("unclip")
 
@@ -195,18 +194,6 @@ def build_engine(onnx_path: Path, network: str, inputs: list[dict], profile: Pro
     if cache_path is not None:  # tactic timings found here speed up every later build on this GPU
         write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export_tensorrt(folder: Path, precision: str, batch_sizes: list[int], options: BuildOptions,

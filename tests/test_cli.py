@@ -192,3 +192,41 @@ def test_init_rejects_unknown_preset_and_file_target(tmp_path):
     target = tmp_path / "f"
     target.write_text("x")
     assert_one_line_error(run_cli("init", "--preset", "tiny", "--out", str(target)), "is a file")
+
+
+# -- a model's own sampler defaults (sampler_defaults.json) ----------------------------------------
+
+
+def test_model_sampler_defaults_apply_and_explicit_options_win(tiny_folder, tmp_path):
+    model = _copy(tiny_folder, tmp_path)
+    (model / "sampler_defaults.json").write_text('{"decoder_guidance": 1.5, "decoder_steps": 3}')
+    import unclip
+
+    pipe = unclip.load(model)
+    assert (pipe.settings().decoder_guidance, pipe.settings().decoder_steps) == (1.5, 3)
+    assert pipe.settings().prior_guidance == 4.0  # not set by the model: the engine's default
+    assert pipe.settings(decoder_guidance=6.0).decoder_guidance == 6.0
+    for args, guidance in (([], "decoder 1.5"), (["--decoder-guidance", "6"], "decoder 6.0")):
+        out = tmp_path / f"out{len(args)}"
+        result = run_cli("generate", "a red circle", "--model", str(model), "--out", str(out),
+                         "--prior-steps", "3", "--super-res-steps", "2", *args)
+        assert result.exit_code == 0, result.output
+        with Image.open(out / "0000.png") as img:
+            assert guidance in img.text["guidance"] and "decoder 3" in img.text["steps"]
+    # a checkpoint saved from loaded components keeps them
+    from unclip.models.checkpoint import load_components, save_components
+
+    save_components(load_components(model), tmp_path / "resaved")
+    resaved = load_components(tmp_path / "resaved")
+    assert resaved.sampler_defaults == {"decoder_guidance": 1.5, "decoder_steps": 3}
+
+
+@pytest.mark.parametrize("text, needles", [
+    ("{not json", ["sampler_defaults.json cannot be read"]),
+    ('{"decoder_guidanse": 1.0}', ["unknown settings ['decoder_guidanse']", "decoder_guidance"]),
+    ('{"decoder_steps": 1}', ["sampler_defaults.json: --decoder-steps must be an integer of at least 2"]),
+])
+def test_bad_sampler_defaults(tiny_folder, tmp_path, text, needles):
+    model = _copy(tiny_folder, tmp_path)
+    (model / "sampler_defaults.json").write_text(text)
+    _expect_model_error(model, tmp_path, *needles)

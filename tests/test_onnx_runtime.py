@@ -152,3 +152,18 @@ def test_cuda_io_binding_matches_cpu(tiny_onnx):
     cpu = cpu_pipeline.generate("a red circle", output_type="np", **FAST_STEPS)
     cuda = gpu.generate("a red circle", output_type="np", **FAST_STEPS)
     assert float(np.abs(cpu - cuda).max()) <= FP32_TOLERANCE
+
+
+def test_model_sampler_defaults_travel_into_the_artifact(tiny_folder, tmp_path):
+    """A model's sampler_defaults.json serves from its export too: same defaults on every backend."""
+    import shutil
+
+    import unclip
+    from unclip.export.onnx_export import export_onnx
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder, model)
+    (model / "sampler_defaults.json").write_text('{"decoder_guidance": 2.5}')
+    export_onnx(model, tmp_path / "artifact")
+    pipe = unclip.load(tmp_path / "artifact", backend="onnxruntime")
+    assert pipe.settings().decoder_guidance == 2.5 and pipe.settings().prior_guidance == 4.0

@@ -12,12 +12,12 @@ __all__ = ["UnclipError", "load", "__version__"]
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
-def load(model: str | Path = "tiny", backend: str = "torch", device: str = "cpu", allow_pickle: bool = False,
+def load(model: str | Path = "demo", backend: str = "torch", device: str = "cpu", allow_pickle: bool = False,
          dtype: str = "fp32", cuda_graphs: bool = False, kernels: bool = False):
     """Load a model once for many `generate` calls.
 
-    `model` is a checkpoint folder (diffusers UnCLIPPipeline layout), a preset name, or already
-    loaded UnclipComponents; with
+    `model` is a checkpoint folder (diffusers UnCLIPPipeline layout), "demo" (the trained model
+    that ships in the package), a preset name, or already loaded UnclipComponents; with
     backend="onnxruntime" it is an artifact folder made by `unclip export onnx`.
     `dtype`, `cuda_graphs` and `kernels` switch on the GPU fast path of the torch backend
     (unclip.engine.fast_path; README.md, "The GPU fast path").
@@ -56,7 +56,8 @@ def load(model: str | Path = "tiny", backend: str = "torch", device: str = "cpu"
 
         runtime, stage_runner = fast_path(runtime, dtype, cuda_graphs, kernels)
     return Pipeline(runtime, components.tokenizer, model_dims(components), components.schedulers,
-                    model_name=components.name, stage_runner=stage_runner)
+                    model_name=components.name, stage_runner=stage_runner,
+                    sampler_defaults=components.sampler_defaults)
 
 
 def _check_fast_path(backend: str, device: str, dtype: str, cuda_graphs: bool, kernels: bool) -> None:

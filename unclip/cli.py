@@ -16,7 +16,9 @@ from unclip.export.cli import export
 from unclip.folders import check_output_folder
 from unclip.models import DEFAULT_MODEL
 
-MODEL_HELP = "checkpoint folder (diffusers UnCLIPPipeline layout) or random-weight preset: tiny, small, karlo"
+MODEL_DEFAULT = "the model's sampler_defaults.json, else"
+MODEL_HELP = ("demo (the trained model shipped in the package), a checkpoint folder (diffusers "
+              "UnCLIPPipeline layout) or a random-weight preset: tiny, small, karlo")
 
 
 class _Group(click.Group):
@@ -98,35 +100,39 @@ def write_images(images: list, out: Path, metadata: list[dict[str, str]]) -> lis
 @click.option("--seed", type=int, default=0, show_default=True,
               help="seeds torch.Generator('cpu'): the same seed gives the same images")
 @click.option("--num-images", type=int, default=1, show_default=True, help="images per prompt")
-@click.option("--prior-steps", type=int, default=25, show_default=True)
-@click.option("--decoder-steps", type=int, default=25, show_default=True)
-@click.option("--super-res-steps", type=int, default=7, show_default=True)
-@click.option("--prior-guidance", type=float, default=4.0, show_default=True)
-@click.option("--decoder-guidance", type=float, default=8.0, show_default=True)
+@click.option("--prior-steps", type=int, default=None, help=f"[default: {MODEL_DEFAULT} 25]")
+@click.option("--decoder-steps", type=int, default=None, help=f"[default: {MODEL_DEFAULT} 25]")
+@click.option("--super-res-steps", type=int, default=None, help=f"[default: {MODEL_DEFAULT} 7]")
+@click.option("--prior-guidance", type=float, default=None, help=f"[default: {MODEL_DEFAULT} 4.0]")
+@click.option("--decoder-guidance", type=float, default=None,
+              help=f"[default: {MODEL_DEFAULT} 8.0; the demo model's is 1.0]")
 @click.option("--no-prior", is_flag=True, help="skip the prior: the CLIP text embedding goes to the decoder")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("unclip-out"), show_default=True)
 @click.option("--allow-pickle", is_flag=True, help="allow pickle (.bin) weights, which can run code")
 def generate(prompts: tuple[str, ...], model: str, backend: str, device: str, dtype: str,
              cuda_graphs: bool, kernels: bool, seed: int,
-             num_images: int, prior_steps: int, decoder_steps: int, super_res_steps: int,
-             prior_guidance: float, decoder_guidance: float, no_prior: bool, out: Path,
+             num_images: int, prior_steps: int | None, decoder_steps: int | None,
+             super_res_steps: int | None, prior_guidance: float | None, decoder_guidance: float | None,
+             no_prior: bool, out: Path,
              allow_pickle: bool) -> None:
     """Generate images for PROMPTS; writes OUT/0000.png, ... (prompt-major) and prints the paths."""
     import unclip
     from unclip.engine.pipeline import GenerationSettings, check_prompts
 
-    settings = GenerationSettings(num_images=num_images, prior_steps=prior_steps,
-                                  decoder_steps=decoder_steps, super_res_steps=super_res_steps,
-                                  prior_guidance=prior_guidance, decoder_guidance=decoder_guidance,
-                                  use_prior=not no_prior).validate()
+    given = {name: value for name, value in (
+        ("prior_steps", prior_steps), ("decoder_steps", decoder_steps), ("super_res_steps", super_res_steps),
+        ("prior_guidance", prior_guidance), ("decoder_guidance", decoder_guidance)) if value is not None}
+    given.update(num_images=num_images, use_prior=not no_prior)
+    GenerationSettings(**given).validate()  # a bad value fails before the model loads
     check_prompts(list(prompts))
     check_output_folder(out)
     pipe = unclip.load(model, backend=backend, device=device, allow_pickle=allow_pickle, dtype=dtype,
                        cuda_graphs=cuda_graphs, kernels=kernels)
-    images = pipe.generate(list(prompts), seed=seed, progress=True, **vars(settings))
-    steps = f"prior {prior_steps}, decoder {decoder_steps}, super-res {super_res_steps}"
+    s = pipe.settings(**given)
+    images = pipe.generate(list(prompts), seed=seed, progress=True, **vars(s))
+    steps = f"prior {s.prior_steps}, decoder {s.decoder_steps}, super-res {s.super_res_steps}"
     metadata = [{"prompt": prompt, "seed": str(seed), "image_index": str(k), "steps": steps,
-                 "guidance": f"prior {prior_guidance}, decoder {decoder_guidance}",
+                 "guidance": f"prior {s.prior_guidance}, decoder {s.decoder_guidance}",
                  "prior": "no" if no_prior else "yes", "model": str(model), "software": "unclip"}
                 for prompt in prompts for k in range(num_images)]
     for path in write_images(images, out, metadata):
@@ -171,7 +177,8 @@ def info(model: str) -> None:
 
 
 @cli.command()
-@click.option("--model", required=True, help="a shapes-world model folder with a CLIP image_encoder/")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="a shapes-world model folder with a CLIP image_encoder/")
 @click.option("--trained-prompts", type=int, default=24, show_default=True,
               help="how many trained colour/shape/background combinations to test (seeded choice)")
 @click.option("--held-out-prompts", type=int, default=6, show_default=True,

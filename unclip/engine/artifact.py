@@ -7,11 +7,12 @@ All files are checked against their sha256 in the manifest before anything is lo
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from unclip.engine.pipeline import read_sampler_defaults
 from unclip.engine.scheduler import SchedulerConfig
 from unclip.engine.tokenizer import ClipTokenizer
 from unclip.errors import UnclipError
@@ -27,6 +28,7 @@ class Artifact:
     schedulers: dict[str, SchedulerConfig]
     tokenizer: ClipTokenizer
     constants: dict[str, torch.Tensor]
+    sampler_defaults: dict = field(default_factory=dict)
 
     def network_path(self, network: str) -> Path:
         return self.folder / self.manifest["networks"][network]["file"]
@@ -62,4 +64,5 @@ def load_artifact(folder: str | Path) -> Artifact:
     schedulers = {name: SchedulerConfig.from_dict(config)
                   for name, config in _read_config(folder, layout.SCHEDULERS).items()}
     constants = load_file(folder / layout.CONSTANTS)
-    return Artifact(folder, manifest, dims, schedulers, ClipTokenizer(folder / layout.TOKENIZER), constants)
+    return Artifact(folder, manifest, dims, schedulers, ClipTokenizer(folder / layout.TOKENIZER), constants,
+                    read_sampler_defaults(folder))

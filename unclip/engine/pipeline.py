@@ -8,10 +8,12 @@ gives the same image on every backend, and the fp32 CPU path matches diffusers' 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,6 +59,30 @@ class GenerationSettings:
         return any(g > 1.0 for g in scales)
 
 
+SAMPLER_DEFAULTS = "sampler_defaults.json"  # optional, in a checkpoint or artifact folder
+TUNABLE = ("prior_steps", "decoder_steps", "super_res_steps", "prior_guidance", "decoder_guidance")
+
+
+def read_sampler_defaults(folder: str | Path) -> dict:
+    """A model's own sampler defaults (`{"decoder_guidance": 1.0}`): Karlo's 25/25/7 steps and
+    guidance 4/8 are tuned for Karlo, and another model may draw best elsewhere. Absent: {}."""
+    path = Path(folder) / SAMPLER_DEFAULTS
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UnclipError(f"{path} cannot be read ({exc}); fix or delete it") from None
+    unknown = sorted(set(data) - set(TUNABLE)) if isinstance(data, dict) else ["(not an object)"]
+    if unknown:
+        raise UnclipError(f"{path} has unknown settings {unknown}; allowed: {', '.join(TUNABLE)}")
+    try:
+        GenerationSettings(**data).validate()
+    except UnclipError as exc:
+        raise UnclipError(f"{path}: {exc}") from None
+    return data
+
+
 @dataclass
 class TextConditioning:
     embeds: torch.Tensor  # [R, D]: R = 2B rows (unconditional first) when guided, else B
@@ -80,8 +106,10 @@ class Pipeline:
 
     def __init__(self, backend: Backend, tokenizer, dims: ModelDims,
                  schedulers: dict[str, SchedulerConfig], model_name: str = "unnamed",
-                 stage_runner=None):
+                 stage_runner=None, sampler_defaults: dict | None = None):
         self.backend = backend
+        # what generate() uses for settings the caller leaves out: the model's, then Karlo's
+        self.defaults = GenerationSettings(**(sampler_defaults or {})).validate()
         # None: the plain loops below; else the GPU fast path (unclip.engine.cuda_graphs.StageRunner)
         # runs each stage's loop on static buffers, captured as a CUDA graph and/or with fused kernels
         self.stage_runner = stage_runner
@@ -100,7 +128,7 @@ class Pipeline:
                  progress: bool = False, **settings) -> list | np.ndarray:
         """Images for each prompt (prompt-major, then image index): PIL images or an NHWC array in [0, 1]."""
         prompts = check_prompts(prompts)
-        s = GenerationSettings(**settings).validate()
+        s = self.settings(**settings)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(seed)
         with self._lock, torch.inference_mode():
@@ -114,6 +142,14 @@ class Pipeline:
             image = self.super_res(image_small, s, generator, progress)
         array = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return array if output_type == "np" else to_pil(array)
+
+    def settings(self, **overrides) -> GenerationSettings:
+        """The settings a generate call with these keyword arguments runs with."""
+        known = {f.name for f in fields(GenerationSettings)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"generate() got unexpected settings {unknown}; known: {sorted(known)}")
+        return replace(self.defaults, **overrides).validate()
 
     def encode_text(self, prompts: list[str], s: GenerationSettings) -> TextConditioning:
         batch = ([""] if s.guided else []) + prompts  # one encoder call; "" is the unconditional text

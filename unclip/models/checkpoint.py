@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from unclip.engine.pipeline import SAMPLER_DEFAULTS, read_sampler_defaults
 from unclip.engine.scheduler import SchedulerConfig
 from unclip.errors import UnclipError
 from unclip.folders import staged_folder
@@ -58,6 +59,8 @@ def save_components(components: UnclipComponents, out: Path) -> None:
         for name, config in components.schedulers.items():
             (tmp / name).mkdir()
             (tmp / name / "scheduler_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        if components.sampler_defaults:
+            (tmp / SAMPLER_DEFAULTS).write_text(json.dumps(components.sampler_defaults, indent=2) + "\n")
 
 
 def _write_tokenizer_files(tokenizer, folder: Path) -> None:
@@ -178,4 +181,5 @@ def load_components(path: str | Path, allow_pickle: bool = False) -> UnclipCompo
             raise UnclipError(f"config of {name!r} is not supported: {exc}") from None
     name = "demo" if root.resolve() == (Path(__file__).parent / "demo").resolve() else str(root)
     return UnclipComponents(tokenizer=tokenizer, schedulers=schedulers, name=name,
-                            extra={"folder": str(root)}, **networks)
+                            extra={"folder": str(root)}, sampler_defaults=read_sampler_defaults(root),
+                            **networks)

@@ -38,6 +38,7 @@ class UnclipComponents:
     schedulers: dict[str, SchedulerConfig]
     name: str = "unnamed"
     extra: dict = field(default_factory=dict)  # e.g. the source folder
+    sampler_defaults: dict = field(default_factory=dict)  # sampler_defaults.json (engine.pipeline)
 
     def networks(self) -> dict[str, torch.nn.Module]:
         return {name: getattr(self, name) for name in NETWORKS}

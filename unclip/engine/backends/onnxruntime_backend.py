@@ -116,5 +116,6 @@ def load_onnxruntime_pipeline(folder: str | Path, device: str = "cpu"):
     artifact = load_artifact(folder)
     backend = OnnxRuntimeBackend(artifact, device)
     return Pipeline(backend, artifact.tokenizer, artifact.dims, artifact.schedulers,
-                    model_name=artifact.manifest["source_model"]["name"])
+                    model_name=artifact.manifest["source_model"]["name"],
+                    sampler_defaults=artifact.sampler_defaults)
 

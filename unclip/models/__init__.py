@@ -7,8 +7,8 @@ from pathlib import Path
 from unclip.errors import UnclipError
 from unclip.models.presets import PRESETS
 
-DEMO_FOLDER = Path(__file__).parent / "demo"  # where the trained demo model ships once it passes
-DEFAULT_MODEL = "tiny"  # becomes "demo" when the trained demo model meets its accuracy bar
+DEMO_FOLDER = Path(__file__).parent / "demo"  # the trained demo model (models/demo/MODEL_CARD.md)
+DEFAULT_MODEL = "demo"  # a first command must draw what it is asked, offline: no download
 
 
 def resolve_model_path(model: str | Path) -> Path:

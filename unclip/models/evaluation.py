@@ -1,6 +1,6 @@
 """Scores the demo model: does the image show the prompt's colours and shape?
 
-For each prompt, images are generated with the pipeline's default sampler settings and read
+For each prompt, images are generated with the model's default sampler settings and read
 back from the pixels (unclip.models.shapes.score); an image counts as correct when background
 colour, shape colour and shape kind all match. A CLIP retrieval score asks the trained CLIP
 whether the image is closer to its own caption than to every other caption of the world.
@@ -72,7 +72,7 @@ class ClipScorer:
 
 def evaluate(model: str | Path, trained: int = 24, held_out: int = len(HELD_OUT), images_per_prompt: int = 4,
              seed: int = 0, progress: bool = False, **settings) -> dict:
-    """Generate and score; `settings` override the sampler's defaults (steps, guidance)."""
+    """Generate and score; `settings` override the model's sampler defaults (steps, guidance)."""
     import unclip
     from unclip.models import resolve_model_path
 
@@ -107,8 +107,10 @@ def evaluate(model: str | Path, trained: int = 24, held_out: int = len(HELD_OUT)
             "shape_accuracy": _field_accuracy(rows, "shape", 2),
             "clip_retrieval_top1": sum(sum(r.retrieved) for r in rows) / n,
         }
+    effective = {k: v for k, v in vars(pipe.settings(**settings)).items()
+                 if k not in ("num_images", "use_prior")}
     return {"summary": summary, "images_per_prompt": images_per_prompt, "seed": seed,
-            "settings": settings or "pipeline defaults",
+            "settings": effective, "settings_given": settings or "none: the model's defaults",
             "prompts": [vars(r) for r in results]}
 
 

@@ -111,7 +111,9 @@ Total **{total / 60:.1f} min** on {m['cores']} CPU cores ({m['cpu']}), torch {m[
 Python {m['python']}, {log['date']}. Seeded and resumable: CLIP and prior were trained first
 (one thread, on a CPU shared with other work), the decoder and super-resolution stages in a
 later resumed run of the same command with `--threads 2` on an idle machine; the times are each
-stage's own measured seconds. Batch sizes: CLIP {r['clip_batch']}, prior {r['prior_batch']},
+stage's own measured seconds. A fresh run of the command trains an equivalent model, not these
+exact weights: every network's initial weights come from one seeded stream, and the image tower
+is drawn after the decoder, which was widened between the two runs. Batch sizes: CLIP {r['clip_batch']}, prior {r['prior_batch']},
 decoder {r['decoder_batch']}, super-res {r['super_res_batch']} (32 px crops). EMA {r['ema_decay']}
 on the prior, decoder and super-res weights; guidance dropout {r['unconditional_p']} (image
 embedding and text), decoder caption dropout {r['text_drop_p']}.

@@ -1,15 +1,17 @@
-"""Write the demo model's MODEL_CARD.md from what was measured (training_log.json, evaluation.json).
+"""Write the demo model's MODEL_CARD.md from what was measured.
 
     python -m training.model_card unclip/models/demo
 
-The numbers come from the two JSON files beside the weights, so the card cannot drift from them
-(tests/test_demo.py checks that it has not).
+The measured numbers come from the JSON files beside the weights (training log, evaluations,
+sampler defaults), so the card cannot drift from them (tests/test_demo.py checks the main table);
+only the guidance-validation sweep, run before the evaluation and not kept as JSON, is typed in.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from safetensors import safe_open
@@ -27,16 +29,9 @@ def _sizes(folder: Path) -> list[tuple[str, int, int]]:
     for part in PARTS:
         (path,) = (folder / part).glob("*.safetensors")
         with safe_open(path, "pt") as f:
-            count = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+            count = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         rows.append((part, count, path.stat().st_size))
     return rows
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _eval_rows(evaluation: dict) -> str:
@@ -113,8 +108,9 @@ Python {m['python']}, {log['date']}. Seeded and resumable: CLIP and prior were t
 later resumed run of the same command with `--threads 2` on an idle machine; the times are each
 stage's own measured seconds. A fresh run of the command trains an equivalent model, not these
 exact weights: every network's initial weights come from one seeded stream, and the image tower
-is drawn after the decoder, which was widened between the two runs. Batch sizes: CLIP {r['clip_batch']}, prior {r['prior_batch']},
-decoder {r['decoder_batch']}, super-res {r['super_res_batch']} (32 px crops). EMA {r['ema_decay']}
+is drawn after the decoder, which was widened between the two runs. Batch sizes: CLIP
+{r['clip_batch']}, prior {r['prior_batch']}, decoder {r['decoder_batch']}, super-res
+{r['super_res_batch']} (32 px crops). EMA {r['ema_decay']}
 on the prior, decoder and super-res weights; guidance dropout {r['unconditional_p']} (image
 embedding and text), decoder caption dropout {r['text_drop_p']}.
 

@@ -49,10 +49,10 @@ class Recipe:
     super_res_batch: int = 16
     # (16, 32, 64) trained 5500 steps drew blurred shapes; wider costs 0.67 s/step vs 0.31 (2 threads)
     decoder_channels: tuple[int, int, int] = (32, 64, 96)
-    super_res_crop: int = 32
+    super_res_crop: int = 32  # the super-res UNet is convolutional: train on crops, run on whole images
     # DALL-E 2 blurs the first upsampler's low-res input in training; so here (largest Gaussian
     # sigma, 64 px pixels): the decoder's soft corners then come back sharp
-    super_res_blur: float = 1.5  # the super-res UNet is convolutional: train on crops, run on whole images
+    super_res_blur: float = 1.5
     lr: float = 1e-3  # CLIP and prior
     diffusion_lr: float = 5e-4  # decoder and super-resolution UNets
     ema_decay: float = 0.995  # the shipped prior/decoder/super-res weights are this moving average

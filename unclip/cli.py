@@ -104,8 +104,7 @@ def write_images(images: list, out: Path, metadata: list[dict[str, str]]) -> lis
 @click.option("--decoder-steps", type=int, default=None, help=f"[default: {MODEL_DEFAULT} 25]")
 @click.option("--super-res-steps", type=int, default=None, help=f"[default: {MODEL_DEFAULT} 7]")
 @click.option("--prior-guidance", type=float, default=None, help=f"[default: {MODEL_DEFAULT} 4.0]")
-@click.option("--decoder-guidance", type=float, default=None,
-              help=f"[default: {MODEL_DEFAULT} 8.0; the demo model's is 1.0]")
+@click.option("--decoder-guidance", type=float, default=None, help=f"[default: {MODEL_DEFAULT} 8.0]")
 @click.option("--no-prior", is_flag=True, help="skip the prior: the CLIP text embedding goes to the decoder")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("unclip-out"), show_default=True)
 @click.option("--allow-pickle", is_flag=True, help="allow pickle (.bin) weights, which can run code")

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import threading
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +83,12 @@ def read_sampler_defaults(folder: str | Path) -> dict:
     return data
 
 
+def write_sampler_defaults(folder: Path, defaults: dict) -> None:
+    """The reader's counterpart, for checkpoints and artifacts; nothing is written for {}."""
+    if defaults:
+        (Path(folder) / SAMPLER_DEFAULTS).write_text(json.dumps(defaults, indent=2) + "\n")
+
+
 @dataclass
 class TextConditioning:
     embeds: torch.Tensor  # [R, D]: R = 2B rows (unconditional first) when guided, else B
@@ -145,10 +151,6 @@ class Pipeline:
 
     def settings(self, **overrides) -> GenerationSettings:
         """The settings a generate call with these keyword arguments runs with."""
-        known = {f.name for f in fields(GenerationSettings)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise TypeError(f"generate() got unexpected settings {unknown}; known: {sorted(known)}")
         return replace(self.defaults, **overrides).validate()
 
     def encode_text(self, prompts: list[str], s: GenerationSettings) -> TextConditioning:

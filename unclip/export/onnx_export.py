@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from unclip.engine.pipeline import SAMPLER_DEFAULTS
+from unclip.engine.pipeline import write_sampler_defaults
 from unclip.errors import UnclipError
 from unclip.export import manifest as layout
 from unclip.export.fp16 import FRAGILE_OPS
@@ -139,8 +139,7 @@ def write_runtime_files(folder: Path, components, dims) -> None:
     (folder / layout.MODEL_DIMS).write_text(json.dumps(dims.to_dict(), indent=2) + "\n")
     schedulers = {name: config.to_dict() for name, config in components.schedulers.items()}
     (folder / layout.SCHEDULERS).write_text(json.dumps(schedulers, indent=2) + "\n")
-    if components.sampler_defaults:  # the model's own defaults serve from the artifact too
-        (folder / SAMPLER_DEFAULTS).write_text(json.dumps(components.sampler_defaults, indent=2) + "\n")
+    write_sampler_defaults(folder, components.sampler_defaults)  # the model's defaults serve from here too
     prior = components.prior
     save_file({"clip_mean": prior.clip_mean.detach().float().cpu().contiguous(),
                "clip_std": prior.clip_std.detach().float().cpu().contiguous()}, folder / layout.CONSTANTS)

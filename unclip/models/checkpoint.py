@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from unclip.engine.pipeline import SAMPLER_DEFAULTS, read_sampler_defaults
+from unclip.engine.pipeline import read_sampler_defaults, write_sampler_defaults
 from unclip.engine.scheduler import SchedulerConfig
 from unclip.errors import UnclipError
 from unclip.folders import staged_folder
@@ -59,8 +59,7 @@ def save_components(components: UnclipComponents, out: Path) -> None:
         for name, config in components.schedulers.items():
             (tmp / name).mkdir()
             (tmp / name / "scheduler_config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        if components.sampler_defaults:
-            (tmp / SAMPLER_DEFAULTS).write_text(json.dumps(components.sampler_defaults, indent=2) + "\n")
+        write_sampler_defaults(tmp, components.sampler_defaults)
 
 
 def _write_tokenizer_files(tokenizer, folder: Path) -> None:

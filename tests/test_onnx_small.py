@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 # random-weight decoder turns ~1e-6 per-network differences into a few flipped pixels, and so does
 # torch against itself (1 vs 2 CPU threads: up to 254/255 at seed 0, 3/3 settings over 2/255 in
 # our measurements), so a guided random model cannot resolve 2/255. Unguided it measures
-# 0.13/255 and 1.02/255 at the two seeds below. Guided figures are in README.md (ONNX section).
+# 0.13/255 and 1.02/255 at the two seeds below. Guided figures are in docs/onnx.md.
 SETTINGS = dict(prior_steps=3, decoder_steps=4, super_res_steps=7, prior_guidance=1.0, decoder_guidance=1.0)
 PROMPTS = ["a red circle on a blue background", "A green SQUARE!!"]
 

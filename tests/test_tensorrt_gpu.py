@@ -1,7 +1,7 @@
 """TensorRT engines built and run for real: needs TensorRT (with its builder) and a CUDA GPU.
 
 Written to run as they stand on such a machine; elsewhere conftest skips them with the reason
-naming what is missing. Not yet run in this project (see README.md, TensorRT section).
+naming what is missing. Not yet run in this project (see docs/tensorrt.md).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]
 BATCH_SIZES = "1,2"
 PROMPTS = ["a red circle on a blue background", "A green SQUARE!!"]
 # Unguided: a guided random-weight decoder amplifies per-network differences into flipped pixels
-# (measured for ONNX Runtime vs torch, README.md (ONNX section)), which would hide what this compares.
+# (measured for ONNX Runtime vs torch, docs/onnx.md), which would hide what this compares.
 UNGUIDED = dict(prior_guidance=1.0, decoder_guidance=1.0, **FAST_STEPS)
 
 

@@ -20,7 +20,7 @@ def load(model: str | Path = "demo", backend: str = "torch", device: str = "cpu"
     that ships in the package), a preset name, or already loaded UnclipComponents; with
     backend="onnxruntime" it is an artifact folder made by `unclip export onnx`.
     `dtype`, `cuda_graphs` and `kernels` switch on the GPU fast path of the torch backend
-    (unclip.engine.fast_path; README.md, "The GPU fast path").
+    (unclip.engine.fast_path; docs/gpu.md).
     """
     import torch
 

@@ -29,7 +29,7 @@ BATCH_AXIS = "batch"  # the one dynamic axis of the spec table (unclip.specs)
 DEFAULT_WORKSPACE_GB = 4.0
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default; 0..5, higher = longer build, maybe faster engine
 INSTALL_HINT = ("install TensorRT 10 or newer with its builder (pip install tensorrt, on a machine with an "
-                "NVIDIA GPU and driver); see the README section on TensorRT engines")
+                "NVIDIA GPU and driver); see docs/tensorrt.md")
 
 # How many rows each network sees for a call that makes B images (read off Pipeline.generate):
 # encode_text runs the prompts plus one "" row when guided; prior, text_proj and decoder run the

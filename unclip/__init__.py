@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unclip.errors import UnclipError
+from unclip.errors import GenerationError, UnclipError
 
 __version__ = "0.1.0"
-__all__ = ["UnclipError", "load", "__version__"]
+__all__ = ["GenerationError", "UnclipError", "load", "__version__"]
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from unclip.engine.backends import Backend
 from unclip.engine.scheduler import SchedulerConfig, StepTable, scheduler_step, step_table
-from unclip.errors import UnclipError
+from unclip.errors import GenerationError, UnclipError
 from unclip.specs import ModelDims
 
 log = logging.getLogger("unclip")
@@ -289,7 +289,7 @@ class Pipeline:
     def _check_finite(self, stage: str, x: torch.Tensor, s: GenerationSettings) -> None:
         if not torch.isfinite(x).all():  # one reduction per stage, outside the loops
             precision = getattr(self.backend, "precision", "fp32")
-            raise UnclipError(f"the {stage} stage produced non-finite values (precision {precision}, "
+            raise GenerationError(f"the {stage} stage produced non-finite values (precision {precision}, "
                               f"batch {x.shape[0]}); use --dtype fp32 or a smaller guidance scale")
 
 

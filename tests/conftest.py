@@ -31,6 +31,14 @@ def tiny_pipeline(tiny_components):
 
 
 @pytest.fixture(scope="session")
+def demo_pipeline():
+    """The trained demo model that ships in the package, on the torch backend."""
+    import unclip
+
+    return unclip.load("demo")
+
+
+@pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, tiny_components):
     """The tiny preset saved as a checkpoint folder (tests must not modify it)."""
     from unclip.models.checkpoint import save_components

@@ -25,6 +25,8 @@ CONFIGS = [
     (["a red circle on a blue background"], 1, (5, 6, 3), (4.0, 8.0), 0),
     (["a green square", "a yellow triangle on a black background"], 2, (4, 3, 2), (1.0, 3.5), 7),
     (["an unguided drawing"], 1, (3, 4, 2), (1.0, 1.0), 123),
+    # the demo model's defaults: our decoder runs conditional rows only, diffusers runs both
+    (["a blue square on a white background"], 2, (4, 5, 2), (4.0, 1.0), 5),
 ]
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,11 +22,13 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from unclip.engine.backends import Backend
+from unclip.engine.batch import Batch, Request, take_rows
 from unclip.engine.scheduler import SchedulerConfig, StepTable, scheduler_step, step_table
 from unclip.errors import GenerationError, UnclipError
 from unclip.specs import ModelDims
 
 log = logging.getLogger("unclip")
+StepCallback = Callable[[str, int, int], None]  # (stage, step index, rows the step computed)
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,32 @@ def write_sampler_defaults(folder: Path, defaults: dict) -> None:
 
 @dataclass
 class TextConditioning:
-    embeds: torch.Tensor  # [R, D]: R = 2B rows (unconditional first) when guided, else B
-    hidden: torch.Tensor  # [R, L, D]
-    mask: torch.Tensor  # [R, L] bool
+    """The CLIP text encoding: one conditional row per image, and the empty prompt's single row,
+    which a guided stage expands into its unconditional half."""
+
+    embeds: torch.Tensor  # [B, D]
+    hidden: torch.Tensor  # [B, L, D]
+    mask: torch.Tensor  # [B, L] bool
+    uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # "" encoded, [1, ...]; None: unguided
+
+    def rows(self, guided: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(embeds, hidden, mask) for a stage: [unconditional; conditional] rows when guided."""
+        cond = (self.embeds, self.hidden, self.mask)
+        if not guided:
+            return cond
+        return tuple(torch.cat([u.expand(c.shape[0], *u.shape[1:]), c])
+                     for u, c in zip(self.uncond, cond, strict=True))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.embeds, self.hidden, self.mask = (take_rows(t, rows, guided=False)
+                                               for t in (self.embeds, self.hidden, self.mask))
+
+
+def stage_guided(s: GenerationSettings) -> dict[str, bool]:
+    """Which stages run unconditional rows: a stage whose guidance is <= 1 would combine
+    u + 1 * (c - u) = c, so it runs its conditional rows only (diffusers runs both in every
+    stage whenever any stage is guided; the image is the same)."""
+    return {"prior": s.use_prior and s.prior_guidance > 1.0, "decoder": s.decoder_guidance > 1.0}
 
 
 def check_prompts(prompts: str | list[str]) -> list[str]:
@@ -131,133 +157,168 @@ class Pipeline:
 
     def generate(self, prompts: str | list[str], *, seed: int = 0,
                  generator: torch.Generator | None = None, output_type: str = "pil",
-                 progress: bool = False, **settings) -> list | np.ndarray:
-        """Images for each prompt (prompt-major, then image index): PIL images or an NHWC array in [0, 1]."""
+                 progress: bool = False, **settings) -> list | np.ndarray | torch.Tensor:
+        """Images for each prompt (prompt-major, then image index): PIL images, an NHWC array
+        (output_type="np") or an NCHW tensor ("pt"), in [0, 1]."""
         prompts = check_prompts(prompts)
         s = self.settings(**settings)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(seed)
+        [images] = self.generate_requests([Request(prompts, s, generator)], progress=progress)
+        return convert_images(images, output_type)
+
+    def generate_requests(self, requests: list[Request], *, progress: bool = False,
+                          on_step: StepCallback | None = None) -> list[torch.Tensor | None]:
+        """Several callers' requests as one batch (same steps, guidance and prior; any prompts,
+        image counts and generators). Per request: NCHW float32 images in [0, 1] on the CPU,
+        or None if it was cancelled. Each request's images equal what it gives alone (its noise
+        comes from its own generator in the same order); a request whose `cancelled()` turns
+        true leaves the batch before the next denoising step. `on_step(stage, step, rows)` is
+        called after every step with the rows that step computed."""
+        batch = Batch(requests)
+        s, guided = batch.settings, stage_guided(batch.settings)
         with self._lock, torch.inference_mode():
-            text = self.encode_text(prompts, s)
+            text = self.encode_text(batch, guided["prior"] or guided["decoder"])
             if s.use_prior:
-                image_embeds = self.prior(text, s, generator, progress)
+                image_embeds = self.prior(batch, text, guided["prior"], progress, on_step)
             else:  # prior-free ablation: the CLIP text embedding stands in for the image embedding
-                image_embeds = text.embeds[-len(prompts) * s.num_images:]
-            decoder_hidden, decoder_time = self.project(image_embeds, text, s)
-            image_small = self.decoder(decoder_hidden, decoder_time, text, s, generator, progress)
-            image = self.super_res(image_small, s, generator, progress)
-        array = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-        return array if output_type == "np" else to_pil(array)
+                image_embeds = text.embeds
+            if not batch.active:
+                return batch.split(None)
+            decoder_hidden, decoder_time = self.project(image_embeds, text, guided["decoder"])
+            image_small = self.decoder(batch, decoder_hidden, decoder_time, text, guided["decoder"],
+                                       progress, on_step)
+            if not batch.active:
+                return batch.split(None)
+            image = self.super_res(batch, image_small, progress, on_step)
+            if not batch.active:
+                return batch.split(None)
+        return batch.split((image * 0.5 + 0.5).clamp(0, 1).float().cpu())
 
     def settings(self, **overrides) -> GenerationSettings:
         """The settings a generate call with these keyword arguments runs with."""
         return replace(self.defaults, **overrides).validate()
 
-    def encode_text(self, prompts: list[str], s: GenerationSettings) -> TextConditioning:
-        batch = ([""] if s.guided else []) + prompts  # one encoder call; "" is the unconditional text
-        ids, mask = self.tokenize(batch)
+    def encode_text(self, batch: Batch, guided: bool) -> TextConditioning:
+        prompts = [p for i in batch.active for p in batch.requests[i].prompts]
+        repeats = torch.tensor([batch.requests[i].settings.num_images
+                                for i in batch.active for _ in batch.requests[i].prompts])
+        ids, mask = self.tokenize(([""] if guided else []) + prompts)  # one encoder call; "" is unconditional
         out = self.backend.run("text_encoder", input_ids=ids.to(self.device))
-        embeds, hidden, mask = out["text_embeds"], out["text_hidden"], mask.to(self.device)
+        encoded = (out["text_embeds"], out["text_hidden"], mask.to(self.device))
+        cond = [x[-len(prompts):].repeat_interleave(repeats.to(x.device), dim=0) for x in encoded]
+        return TextConditioning(*cond, uncond=tuple(x[:1] for x in encoded) if guided else None)
 
-        def rows(x: torch.Tensor) -> torch.Tensor:
-            cond = x[-len(prompts):].repeat_interleave(s.num_images, dim=0)
-            if not s.guided:
-                return cond
-            uncond = x[:1].expand(cond.shape[0], *x.shape[1:])
-            return torch.cat([uncond, cond])
-
-        return TextConditioning(rows(embeds), rows(hidden), rows(mask))
-
-    def prior(self, text: TextConditioning, s: GenerationSettings,
-              generator: torch.Generator, progress: bool) -> torch.Tensor:
+    def prior(self, batch: Batch, text: TextConditioning, guided: bool, progress: bool,
+              on_step: StepCallback | None) -> torch.Tensor:
+        s = batch.settings
         config = self.schedulers["prior_scheduler"]
         table = self._table("prior", config, s.prior_steps)
-        batch = text.embeds.shape[0] // (2 if s.guided else 1)
-        x, noise = self._draw(generator, (batch, self.dims.clip_dim), table)
-        if self.stage_runner is not None:
-            x = self.stage_runner.denoise(
-                "prior", x, noise, config, table, ["prior"] * s.prior_steps,
-                dict(text_embeds=text.embeds, text_hidden=text.hidden, text_mask=text.mask),
-                guidance=s.prior_guidance if s.guided else None)
-        else:
-            for i in tqdm(range(s.prior_steps), desc="prior", disable=not progress, leave=False):
-                x_in = torch.cat([x, x]) if s.guided else x
-                pred = self.backend.run("prior", sample=x_in, timestep=table.timesteps[i].expand(len(x_in)),
-                                        text_embeds=text.embeds, text_hidden=text.hidden,
-                                        text_mask=text.mask)["predicted_image_embeds"]
-                if s.guided:
-                    uncond, cond = pred.chunk(2)
-                    pred = uncond + s.prior_guidance * (cond - uncond)
-                x = scheduler_step(config, table, i, pred, x, noise[i])
+        x, noise = batch.draw((self.dims.clip_dim,), table.has_noise, self.device)
+        embeds, hidden, mask = text.rows(guided)
+        x, kept = self._denoise(
+            "prior", batch, x, noise, config, table, ["prior"] * s.prior_steps,
+            dict(text_embeds=embeds, text_hidden=hidden, text_mask=mask),
+            s.prior_guidance if guided else None, None, progress, on_step)
+        if kept is not None:
+            text.keep(kept)
         constants = self.backend.constants()
         image_embeds = x * constants["clip_std"] + constants["clip_mean"]
-        self._check_finite("prior", image_embeds, s)
+        self._check_finite("prior", image_embeds)
         return image_embeds
 
     def project(self, image_embeds: torch.Tensor, text: TextConditioning,
-                s: GenerationSettings) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = image_embeds.shape[0]
-        unconditional = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        if s.guided:  # unconditional rows get the learned guidance embedding inside text_proj
+                guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        unconditional = torch.zeros(image_embeds.shape[0], dtype=torch.bool, device=self.device)
+        if guided:  # unconditional rows get the learned guidance embedding inside text_proj
             image_embeds = torch.cat([torch.zeros_like(image_embeds), image_embeds])
             unconditional = torch.cat([~unconditional, unconditional])
+        embeds, hidden, _ = text.rows(guided)
         out = self.backend.run("text_proj", image_embeds=image_embeds, unconditional=unconditional,
-                               text_embeds=text.embeds, text_hidden=text.hidden)
+                               text_embeds=embeds, text_hidden=hidden)
         return out["decoder_hidden"], out["decoder_time_embeds"]
 
-    def decoder(self, decoder_hidden: torch.Tensor, decoder_time: torch.Tensor,
-                text: TextConditioning, s: GenerationSettings, generator: torch.Generator,
-                progress: bool) -> torch.Tensor:
+    def decoder(self, batch: Batch, decoder_hidden: torch.Tensor, decoder_time: torch.Tensor,
+                text: TextConditioning, guided: bool, progress: bool,
+                on_step: StepCallback | None) -> torch.Tensor:
+        s = batch.settings
         config = self.schedulers["decoder_scheduler"]
         table = self._table("decoder", config, s.decoder_steps)
         c, size = self.dims.decoder_channels, self.dims.decoder_size
-        batch = decoder_hidden.shape[0] // (2 if s.guided else 1)
-        x, noise = self._draw(generator, (batch, c, size, size), table)
-        if self.stage_runner is not None:
-            x = self.stage_runner.denoise(
-                "decoder", x, noise, config, table, ["decoder"] * s.decoder_steps,
-                dict(decoder_hidden=decoder_hidden, decoder_time_embeds=decoder_time, text_mask=text.mask),
-                guidance=s.decoder_guidance if s.guided else None, channels=c)
-        else:
-            for i in tqdm(range(s.decoder_steps), desc="decoder", disable=not progress, leave=False):
-                x_in = torch.cat([x, x]) if s.guided else x
-                out = self.backend.run("decoder", sample=x_in, timestep=table.timesteps[i].expand(len(x_in)),
-                                       decoder_hidden=decoder_hidden, decoder_time_embeds=decoder_time,
-                                       text_mask=text.mask)["model_output"]
-                if s.guided:
-                    uncond, cond = out.chunk(2)
-                    eps_uncond, eps_cond, variance = uncond[:, :c], cond[:, :c], cond[:, c:]
-                    eps = eps_uncond + s.decoder_guidance * (eps_cond - eps_uncond)
-                else:
-                    eps, variance = out[:, :c], out[:, c:]
-                x = scheduler_step(config, table, i, eps, x, noise[i],
-                                   predicted_variance=variance if variance.shape[1] == c else None)
+        x, noise = batch.draw((c, size, size), table.has_noise, self.device)
+        conditioning = dict(decoder_hidden=decoder_hidden, decoder_time_embeds=decoder_time,
+                            text_mask=text.rows(guided)[2])
+        x, _ = self._denoise(
+            "decoder", batch, x, noise, config, table, ["decoder"] * s.decoder_steps, conditioning,
+            s.decoder_guidance if guided else None, c, progress, on_step)
         x = x.clamp(-1, 1)
-        self._check_finite("decoder", x, s)
+        self._check_finite("decoder", x)
         return x
 
-    def super_res(self, image_small: torch.Tensor, s: GenerationSettings,
-                  generator: torch.Generator, progress: bool) -> torch.Tensor:
+    def super_res(self, batch: Batch, image_small: torch.Tensor, progress: bool,
+                  on_step: StepCallback | None) -> torch.Tensor:
+        s = batch.settings
         config = self.schedulers["super_res_scheduler"]
         table = self._table("super_res", config, s.super_res_steps)
         size = self.dims.super_res_size
-        x, noise = self._draw(generator, (image_small.shape[0], image_small.shape[1], size, size), table)
+        x, noise = batch.draw((image_small.shape[1], size, size), table.has_noise, self.device)
         lowres = F.interpolate(image_small, size=[size, size], mode="bicubic", align_corners=False,
                                antialias=True)
-        if self.stage_runner is not None:
-            networks = ["super_res_first"] * (s.super_res_steps - 1) + ["super_res_last"]
-            x = self.stage_runner.denoise("super_res", x, noise, config, table, networks,
-                                          dict(image_lowres=lowres))
-        else:
-            last = s.super_res_steps - 1
-            for i in tqdm(range(s.super_res_steps), desc="super-res", disable=not progress, leave=False):
-                # Karlo trains a separate network for the final step
-                network = "super_res_last" if i == last else "super_res_first"
-                out = self.backend.run(network, sample=x, timestep=table.timesteps[i].expand(len(x)),
-                                       image_lowres=lowres)["model_output"]
-                x = scheduler_step(config, table, i, out, x, noise[i])
-        self._check_finite("super-resolution", x, s)
+        # Karlo trains a separate network for the final step
+        networks = ["super_res_first"] * (s.super_res_steps - 1) + ["super_res_last"]
+        x, _ = self._denoise("super_res", batch, x, noise, config, table, networks,
+                             dict(image_lowres=lowres), None, None, progress, on_step)
+        self._check_finite("super-resolution", x)
         return x
+
+    def _denoise(self, stage: str, batch: Batch, x: torch.Tensor, noise: list[torch.Tensor | None],
+                 config: SchedulerConfig, table: StepTable, networks: list[str],
+                 conditioning: dict[str, torch.Tensor], guidance: float | None, channels: int | None,
+                 progress: bool, on_step: StepCallback | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One stage's loop: the final latents of the requests still running, and which of the
+        stage's first rows they are (None: all of them). `guidance` None: conditional rows only;
+        `channels` splits a decoder's output into its prediction and its variance."""
+        guided, kept = guidance is not None, None
+
+        def drop_departed() -> None:  # between steps: the rows of cancelled requests leave every tensor
+            nonlocal x, noise, conditioning, kept
+            keep = batch.poll()
+            if keep is not None:
+                x = take_rows(x, keep, guided=False)
+                noise = [None if n is None else take_rows(n, keep, guided=False) for n in noise]
+                conditioning = {k: take_rows(v, keep, guided) for k, v in conditioning.items()}
+                kept = keep if kept is None else kept[keep]
+
+        if self.stage_runner is not None:  # the whole loop at once (a CUDA graph): leave between stages
+            drop_departed()
+            if batch.active:
+                x = self.stage_runner.denoise(stage, x, noise, config, table, networks, conditioning,
+                                              guidance=guidance, channels=channels)
+                if on_step is not None:
+                    on_step(stage, len(networks) - 1, x.shape[0])
+            return x, kept
+        output = {name: self.backend.specs[name].output_names[0] for name in set(networks)}
+        label = stage.replace("_", "-")
+        for i, network in enumerate(tqdm(networks, desc=label, disable=not progress, leave=False)):
+            drop_departed()
+            if not batch.active:
+                break
+            x_in = torch.cat([x, x]) if guided else x
+            out = self.backend.run(network, sample=x_in, timestep=table.timesteps[i].expand(len(x_in)),
+                                   **conditioning)[output[network]]
+            if guided:
+                uncond, cond = out.chunk(2)
+                if channels is not None:  # the variance comes from the conditional rows
+                    uncond, cond, out = uncond[:, :channels], cond[:, :channels], cond
+                pred = uncond + guidance * (cond - uncond)
+            else:
+                pred = out if channels is None else out[:, :channels]
+            learned = channels is not None and out.shape[1] == 2 * channels  # learned-range variance
+            x = scheduler_step(config, table, i, pred, x, noise[i],
+                               predicted_variance=out[:, channels:] if learned else None)
+            if on_step is not None:
+                on_step(stage, i, x_in.shape[0])
+        return x, kept
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -278,19 +339,19 @@ class Pipeline:
             self._tables[key] = step_table(config, steps).to(self.device)
         return self._tables[key]
 
-    def _draw(self, generator: torch.Generator, shape: tuple[int, ...],
-              table: StepTable) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """Initial latents, then one noise tensor per noisy step, in diffusers' order."""
-        latents = torch.randn(shape, generator=generator).to(self.device)
-        noise = [torch.randn(shape, generator=generator).to(self.device) if has else None
-                 for has in table.has_noise]
-        return latents, noise
-
-    def _check_finite(self, stage: str, x: torch.Tensor, s: GenerationSettings) -> None:
+    def _check_finite(self, stage: str, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():  # one reduction per stage, outside the loops
             precision = getattr(self.backend, "precision", "fp32")
             raise GenerationError(f"the {stage} stage produced non-finite values (precision {precision}, "
                               f"batch {x.shape[0]}); use --dtype fp32 or a smaller guidance scale")
+
+
+def convert_images(images: torch.Tensor, output_type: str) -> list | np.ndarray | torch.Tensor:
+    """NCHW float images in [0, 1] as the caller asked: "pil", "np" (NHWC) or "pt" (NCHW)."""
+    if output_type == "pt":
+        return images
+    array = images.permute(0, 2, 3, 1).numpy()
+    return array if output_type == "np" else to_pil(array)
 
 
 def to_pil(array: np.ndarray) -> list:

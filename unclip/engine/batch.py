@@ -1,0 +1,103 @@
+"""Requests in one sampling batch: whose rows are where, and dropping the ones that left.
+
+A batch is several callers' requests run as one set of network calls. Each request owns a
+contiguous block of rows (its prompts, each repeated `num_images` times) and its own noise
+generator, so its images do not depend on who else is in the batch. A request whose caller
+left (disconnected, deadline passed) is dropped between two denoising steps: its rows are
+taken out of every tensor of the stage, and the other rows are not touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from unclip.errors import UnclipError
+
+
+@dataclass
+class Request:
+    """One caller's share of a batch. `cancelled` is polled before every denoising step."""
+
+    prompts: list[str]
+    settings: object  # unclip.engine.pipeline.GenerationSettings (validated)
+    generator: torch.Generator
+    cancelled: Callable[[], bool] | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.settings.num_images
+
+    @property
+    def batch_key(self):
+        """Requests with equal keys can share a batch: everything but the image count must agree."""
+        return replace(self.settings, num_images=1)
+
+
+class Batch:
+    """The requests still running, in row order."""
+
+    def __init__(self, requests: list[Request]):
+        if not requests:
+            raise UnclipError("a batch needs at least one request")
+        keys = {r.batch_key for r in requests}
+        if len(keys) > 1:
+            raise UnclipError(f"requests in one batch must share steps, guidance and prior; got {len(keys)} "
+                              "different settings (batch compatible requests only)")
+        self.requests = list(requests)
+        self.active = list(range(len(requests)))  # indices into self.requests
+        self.settings = requests[0].settings
+
+    @property
+    def rows(self) -> int:
+        return sum(self.requests[i].rows for i in self.active)
+
+    def draw(self, shape: tuple[int, ...], noisy_steps: list[bool],
+             device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Each request's initial latents, then one noise tensor per noisy step, drawn from its own
+        generator in diffusers' order (as if it ran alone), concatenated in row order."""
+        latents, noise = [], []
+        for i in self.active:
+            r = self.requests[i]
+            rows = (r.rows, *shape)
+            latents.append(torch.randn(rows, generator=r.generator))
+            noise.append([torch.randn(rows, generator=r.generator) if has else None for has in noisy_steps])
+        per_step = [torch.cat([n[k] for n in noise]).to(device) if has else None
+                    for k, has in enumerate(noisy_steps)]
+        return torch.cat(latents).to(device), per_step
+
+    def poll(self) -> torch.Tensor | None:
+        """Drop cancelled requests. Returns the indices of the rows that stay (into the current
+        rows), or None when nothing changed."""
+        leaving = {i for i in self.active if (c := self.requests[i].cancelled) is not None and c()}
+        if not leaving:
+            return None
+        keep, start = [], 0
+        for i in self.active:
+            rows = self.requests[i].rows
+            if i not in leaving:
+                keep.extend(range(start, start + rows))
+            start += rows
+        self.active = [i for i in self.active if i not in leaving]
+        return torch.tensor(keep, dtype=torch.long)
+
+    def split(self, images: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Per request (in the order given): its images, or None if it was dropped."""
+        out: list[torch.Tensor | None] = [None] * len(self.requests)
+        start = 0
+        for i in self.active:
+            rows = self.requests[i].rows
+            out[i] = images[start:start + rows]
+            start += rows
+        return out
+
+
+def take_rows(x: torch.Tensor, keep: torch.Tensor, guided: bool) -> torch.Tensor:
+    """Rows `keep` of a stage tensor; a guided stage's tensors hold [unconditional; conditional]."""
+    keep = keep.to(x.device)
+    if guided:
+        half = x.shape[0] // 2
+        keep = torch.cat([keep, keep + half])
+    return x.index_select(0, keep)

@@ -1,0 +1,322 @@
+"""The serving engine: a bounded queue, one scheduler thread, batches of compatible requests.
+
+Services embed this (sync or asyncio); the HTTP app and the Ray Serve deployment are thin front
+ends over it. The engine owns everything about requests in flight:
+
+* **Queue**: bounded (`max_queue`); a full queue refuses at once (`QueueFull`, with a retry
+  hint), never blocks the caller.
+* **Batching**: the scheduler takes the oldest request and every queued request compatible with
+  it (same steps, guidance, prior: `Request.batch_key`), in arrival order, up to
+  `max_batch_images` images, waiting at most `max_wait_ms` after the oldest arrived for more.
+  The oldest request always goes next, so an incompatible request is never passed over for long,
+  and never holds up compatible ones behind it (they go with the batch of their own kind).
+* **Seed-exact**: each request has its own generator (Pipeline.generate_requests), so its images
+  are the same whether it ran alone or merged.
+* **Cancellation and deadlines**: a request whose caller left (`Job.cancel()`, or the asyncio
+  task awaiting `generate` cancelled) or whose deadline passed is dropped from the queue, or, if
+  running, leaves its batch before the next denoising step.
+* **Drain**: `shutdown(drain_s)` refuses new requests and lets queued and running ones finish
+  for up to `drain_s` seconds, then cancels the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from unclip.engine.batch import Request
+from unclip.engine.pipeline import Pipeline, check_prompts
+from unclip.errors import GenerationError, UnclipError
+from unclip.serve.metrics import Metrics
+
+log = logging.getLogger("unclip.serve")
+
+
+class QueueFull(UnclipError):
+    """The queue is at `max_queue`: try again after `retry_after_s` (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(UnclipError):
+    """The engine is draining or stopped and takes no new requests (HTTP 503)."""
+
+
+class DeadlineExceeded(UnclipError):
+    """The request's deadline passed before its images were done (HTTP 504)."""
+
+
+class RequestCancelled(UnclipError):
+    """The caller cancelled the request (its client left); nobody reads this result."""
+
+
+@dataclass
+class Result:
+    images: torch.Tensor  # [n, 3, H, W] float32 in [0, 1], CPU
+    seed: int
+    settings: object  # GenerationSettings used
+    queue_s: float
+    compute_s: float
+    batch_images: int  # images in the batch it ran in
+
+
+@dataclass
+class Job:
+    """A submitted request: `future` resolves to a Result or raises one of this module's errors."""
+
+    id: str
+    request: Request
+    seed: int
+    submitted: float
+    deadline: float | None
+    future: Future = field(default_factory=Future)
+    started: float | None = None
+    _cancelled: bool = False
+
+    def cancel(self) -> None:
+        """The caller left: drop it from the queue, or from its batch at the next step."""
+        self._cancelled = True
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (time.monotonic() if now is None else now) > self.deadline
+
+    def should_stop(self) -> bool:
+        return self._cancelled or self.expired()
+
+    @property
+    def images(self) -> int:
+        return self.request.rows
+
+
+class Engine:
+    """Queue, batching, cancellation and metrics around one loaded Pipeline."""
+
+    def __init__(self, pipeline: Pipeline, *, max_batch_images: int = 8, max_wait_ms: float = 10.0,
+                 max_queue: int = 64, metrics: Metrics | None = None):
+        if max_batch_images < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise UnclipError("max_batch_images and max_queue must be >= 1 and max_wait_ms >= 0")
+        self.pipeline = pipeline
+        self.max_batch_images = max_batch_images
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.steps: deque = deque(maxlen=4096)  # (monotonic time, stage, step, rows, job ids): recent steps
+        self._queue: list[Job] = []
+        self._running: list[Job] = []
+        self._cond = threading.Condition()
+        self._accepting = True
+        self._stopping = False
+        self._batch_seconds = 0.0  # moving average of a batch's duration, for Retry-After
+        self._thread = threading.Thread(target=self._loop, name="unclip-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- submitting -----------------------------------------------------------------------------
+
+    def submit(self, prompt: str | list[str], *, n: int = 1, seed: int | None = None,
+               timeout_s: float | None = None, **settings) -> Job:
+        """Queue a request (`n` images per prompt; settings as Pipeline.generate). Bad input raises
+        UnclipError here; a full queue QueueFull; a draining engine ShuttingDown."""
+        prompts = check_prompts(prompt)
+        s = self.pipeline.settings(num_images=n, **settings)
+        seed = secrets.randbelow(2**63) if seed is None else check_seed(seed)
+        if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+            raise UnclipError(f"timeout must be a positive number of seconds, got {timeout_s!r}",
+                              param="timeout")
+        now = time.monotonic()
+        job = Job(uuid.uuid4().hex, Request(prompts, s, torch.Generator("cpu").manual_seed(seed)), seed, now,
+                  None if timeout_s is None else now + timeout_s)
+        job.request.cancelled = job.should_stop
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down and takes no new requests; retry on another "
+                                   "replica")
+            if len(self._queue) >= self.max_queue:
+                self.metrics(self.metrics.requests, status="rejected").inc()
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later",
+                                retry_after_s=self._retry_after())
+            self._queue.append(job)
+            self.metrics(self.metrics.queue_depth).set(len(self._queue))
+            self._cond.notify_all()
+        return job
+
+    async def generate(self, prompt: str | list[str], **kwargs) -> Result:
+        """`submit` for asyncio: if the awaiting task is cancelled (its client disconnected), the
+        request is cancelled too and its rows stop costing compute."""
+        job = self.submit(prompt, **kwargs)
+        timeout = None if job.deadline is None else max(0.0, job.deadline - time.monotonic())
+        try:  # shield: a timeout must not cancel the future, which the scheduler still resolves
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), timeout)
+        except asyncio.TimeoutError:  # the scheduler drops it (queued or at the next step) as expired
+            raise DeadlineExceeded("the request's deadline passed before its images were done; allow a "
+                                   "longer timeout or retry when the server is less busy") from None
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+
+    def _retry_after(self) -> int:
+        """Whole seconds until the queue has room, from the recent batch duration (HTTP Retry-After)."""
+        batches_ahead = math.ceil(len(self._queue) / self.max_batch_images) + (1 if self._running else 0)
+        return max(1, math.ceil(self._batch_seconds * batches_ahead))
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def warmup(self, **settings) -> Result:
+        """One request through the whole path (allocations, kernel choices, CUDA graphs), so that
+        the first user request does not pay for it. Blocks."""
+        return self.submit("warm-up", seed=0, **settings).future.result()
+
+    def shutdown(self, drain_s: float = 30.0) -> None:
+        """Refuse new requests, let queued and running ones finish for up to `drain_s`, cancel the
+        rest, stop the scheduler."""
+        with self._cond:
+            self._accepting = False
+            end = time.monotonic() + drain_s
+            while (self._queue or self._running) and time.monotonic() < end:
+                self._cond.wait(timeout=max(0.0, end - time.monotonic()))
+            self._stopping = True
+            for job in self._queue + self._running:
+                job.cancel()
+            self._cond.notify_all()
+        self._thread.join(timeout=60)
+
+    # -- the scheduler thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+            self._run(batch)
+
+    def _next_batch(self) -> list[Job] | None:
+        """Under the lock: the next batch, after waiting for requests (None: stop)."""
+        while True:
+            self._drop_departed()
+            if self._stopping and not self._queue:
+                return None
+            if not self._queue:
+                self._cond.wait()
+                continue
+            head = self._queue[0]
+            batch = self._compatible(head)
+            fill_by = head.submitted + self.max_wait_s
+            wait = fill_by - time.monotonic()
+            if sum(j.images for j in batch) >= self.max_batch_images or wait <= 0 or self._stopping:
+                for job in batch:
+                    self._queue.remove(job)
+                self._running = batch
+                self.metrics(self.metrics.queue_depth).set(len(self._queue))
+                return batch
+            self._cond.wait(timeout=wait)
+
+    def _compatible(self, head: Job) -> list[Job]:
+        """The head and the queued requests that can share its batch, in arrival order, up to
+        max_batch_images (the head alone may exceed it)."""
+        key, batch, images = head.request.batch_key, [head], head.images
+        for job in self._queue[1:]:
+            if job.request.batch_key == key and images + job.images <= self.max_batch_images:
+                batch.append(job)
+                images += job.images
+        return batch
+
+    def _drop_departed(self) -> None:
+        now = time.monotonic()
+        for job in [j for j in self._queue if j.should_stop()]:
+            self._queue.remove(job)
+            self._finish_dropped(job, "queued", now)
+        self.metrics(self.metrics.queue_depth).set(len(self._queue))
+
+    def _finish_dropped(self, job: Job, where: str, now: float) -> None:
+        if job.expired(now) and not job._cancelled:
+            reason, error = "deadline", DeadlineExceeded(
+                "the request's deadline passed before its images were done; allow a longer timeout or "
+                "retry when the server is less busy")
+        elif self._stopping:
+            reason, error = "shutdown", ShuttingDown("the server shut down before this request finished; "
+                                                     "retry")
+        else:
+            reason, error = "cancelled", RequestCancelled("the request was cancelled by its caller")
+        self.metrics(self.metrics.cancellations, reason=reason, where=where).inc()
+        self.metrics(self.metrics.requests, status=reason).inc()
+        self.metrics(self.metrics.request_seconds).observe(now - job.submitted)
+        if not job.future.done():
+            job.future.set_exception(error)
+
+    def _run(self, batch: list[Job]) -> None:
+        start = time.monotonic()
+        images = sum(j.images for j in batch)
+        for job in batch:
+            job.started = start
+            self.metrics(self.metrics.queue_seconds).observe(start - job.submitted)
+        self.metrics(self.metrics.batch_images).observe(images)
+        self.metrics(self.metrics.in_flight).set(len(batch))
+        ids = [j.id for j in batch]
+
+        def on_step(stage: str, step: int, rows: int) -> None:
+            self.steps.append((time.monotonic(), stage, step, rows, ids))
+            self.metrics(self.metrics.steps, stage=stage).inc()
+            self.metrics(self.metrics.step_rows, stage=stage).inc(rows)
+
+        try:
+            outputs = self.pipeline.generate_requests([j.request for j in batch], on_step=on_step)
+            error = None
+        except UnclipError as exc:  # GenerationError (non-finite output) or a bad model file
+            outputs, error = [None] * len(batch), exc
+        except Exception as exc:  # noqa: BLE001 - one batch failing must not stop the engine
+            log.exception("batch of %d requests failed", len(batch))
+            first_line = (str(exc).splitlines() or [""])[0][:200]
+            outputs, error = [None] * len(batch), GenerationError(
+                f"generation failed inside the engine ({type(exc).__name__}: {first_line})")
+        end = time.monotonic()
+        recent = end - start
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * recent if self._batch_seconds else recent
+        for job, out in zip(batch, outputs, strict=True):
+            self.metrics(self.metrics.compute_seconds).observe(end - start)
+            if error is not None:
+                self.metrics(self.metrics.requests, status="error").inc()
+                self.metrics(self.metrics.request_seconds).observe(end - job.submitted)
+                job.future.set_exception(error)
+            elif out is None:
+                self._finish_dropped(job, "running", end)
+            else:
+                self.metrics(self.metrics.requests, status="ok").inc()
+                self.metrics(self.metrics.images).inc(out.shape[0])
+                self.metrics(self.metrics.request_seconds).observe(end - job.submitted)
+                job.future.set_result(Result(out, job.seed, job.request.settings, start - job.submitted,
+                                             end - start, images))
+        with self._cond:
+            self._running = []
+            self.metrics(self.metrics.in_flight).set(0)
+            self._cond.notify_all()
+
+
+def check_seed(seed) -> int:
+    """What torch.Generator.manual_seed takes without wrapping: an integer in [0, 2**64)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise UnclipError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}", param="seed")
+    return seed

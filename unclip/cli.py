@@ -15,6 +15,7 @@ from unclip.errors import UnclipError
 from unclip.export.cli import export
 from unclip.folders import check_output_folder
 from unclip.models import DEFAULT_MODEL
+from unclip.serve.cli import serve
 
 MODEL_DEFAULT = "the model's sampler_defaults.json, else"
 MODEL_HELP = ("demo (the trained model shipped in the package), a checkpoint folder (diffusers "
@@ -212,6 +213,7 @@ def evaluate(model: str, trained_prompts: int, held_out_prompts: int, images_per
 
 cli.add_command(export)
 cli.add_command(bench)
+cli.add_command(serve)
 
 
 def main() -> None:

@@ -83,11 +83,16 @@ class Job:
     deadline: float | None
     future: Future = field(default_factory=Future)
     started: float | None = None
-    _cancelled: bool = False
+    cancelled_at: float | None = None  # monotonic time of cancel()
 
     def cancel(self) -> None:
         """The caller left: drop it from the queue, or from its batch at the next step."""
-        self._cancelled = True
+        if self.cancelled_at is None:
+            self.cancelled_at = time.monotonic()
+
+    @property
+    def _cancelled(self) -> bool:
+        return self.cancelled_at is not None
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (time.monotonic() if now is None else now) > self.deadline
@@ -113,6 +118,7 @@ class Engine:
         self.max_queue = max_queue
         self.metrics = metrics if metrics is not None else Metrics()
         self.steps: deque = deque(maxlen=4096)  # (monotonic time, stage, step, rows, job ids): recent steps
+        self.dropped: deque = deque(maxlen=1024)  # (job id, cancelled_at, reason, where): recent drops
         self._queue: list[Job] = []
         self._running: list[Job] = []
         self._cond = threading.Condition()
@@ -151,10 +157,12 @@ class Engine:
             self._cond.notify_all()
         return job
 
-    async def generate(self, prompt: str | list[str], **kwargs) -> Result:
+    async def generate(self, prompt: str | list[str], *, on_submit=None, **kwargs) -> Result:
         """`submit` for asyncio: if the awaiting task is cancelled (its client disconnected), the
-        request is cancelled too and its rows stop costing compute."""
+        request is cancelled too and its rows stop costing compute. `on_submit(job)` sees the job."""
         job = self.submit(prompt, **kwargs)
+        if on_submit is not None:
+            on_submit(job)
         timeout = None if job.deadline is None else max(0.0, job.deadline - time.monotonic())
         try:  # shield: a timeout must not cancel the future, which the scheduler still resolves
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), timeout)
@@ -261,6 +269,7 @@ class Engine:
                                                      "retry")
         else:
             reason, error = "cancelled", RequestCancelled("the request was cancelled by its caller")
+        self.dropped.append((job.id, job.cancelled_at, reason, where))
         self.metrics(self.metrics.cancellations, reason=reason, where=where).inc()
         self.metrics(self.metrics.requests, status=reason).inc()
         self.metrics(self.metrics.request_seconds).observe(now - job.submitted)

@@ -41,6 +41,11 @@ class Metrics:
         self.step_rows = make(Counter, "unclip_denoising_rows",
                               "Network rows computed by denoising steps, by stage", ("stage",))
         self.steps = make(Counter, "unclip_denoising_steps", "Denoising steps run, by stage", ("stage",))
+        # the HTTP front ends' view (route: a known path or "other")
+        self.http_requests = make(Counter, "unclip_http_requests", "HTTP requests by route and status code",
+                                  ("route", "code"))
+        self.http_seconds = make(Histogram, "unclip_http_request_duration_seconds",
+                                 "HTTP request handling time, by route", ("route",), buckets=SECONDS)
 
     def __call__(self, metric, **labels):
         """The series of `metric` with the constant labels and these."""

@@ -1,0 +1,75 @@
+"""`unclip serve`: load a model once, warm it up, and serve it over HTTP (docs/serving.md)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+import click
+
+from unclip.errors import UnclipError
+from unclip.models import DEFAULT_MODEL
+
+
+@click.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="demo, a checkpoint folder, an export folder (with --backend onnxruntime) or a preset")
+@click.option("--backend", default="torch", show_default=True, help="torch, onnxruntime or tensorrt")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--dtype", default="fp32", show_default=True, help="fp32, or fp16/bf16 (torch backend)")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on (0.0.0.0 exposes the server to the network)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch-images", type=click.IntRange(1), default=8, show_default=True,
+              help="images per batch (compatible requests are merged up to this)")
+@click.option("--max-wait-ms", type=click.FloatRange(0), default=10.0, show_default=True,
+              help="how long the oldest queued request waits for others to fill its batch")
+@click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
+              help="queued requests beyond this get 429 with Retry-After")
+@click.option("--timeout-s", type=click.FloatRange(0, min_open=True), default=None,
+              help="per-request deadline; past it the request leaves its batch and gets 504  [default: none]")
+@click.option("--drain-s", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="on SIGTERM, how long queued and running requests may finish before the server exits")
+@click.option("--max-body-bytes", type=click.IntRange(256), default=65536, show_default=True)
+@click.option("--replica", default=None, help="this server's name in headers, logs and metrics "
+              "[default: HOST-PID]")
+def serve(model: str, backend: str, device: str, dtype: str, host: str, port: int, max_batch_images: int,
+          max_wait_ms: float, max_queue: int, timeout_s: float | None, drain_s: float, max_body_bytes: int,
+          replica: str | None) -> None:
+    """Serve a model over HTTP: OpenAI's POST /v1/images/generations, /health/live, /health/ready,
+    /metrics. One JSON log line per request on stderr."""
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise UnclipError(f"unclip serve needs the serve extra ({exc.name} is missing): "
+                          "pip install 'unclip[serve]'") from None
+    import unclip
+    from unclip.serve.api import ServeState
+    from unclip.serve.engine import Engine
+    from unclip.serve.metrics import Metrics
+    from unclip.serve.server import run_server
+
+    replica = replica or f"{socket.gethostname()}-{os.getpid()}"
+    pipe = unclip.load(model, backend=backend, device=device, dtype=dtype)
+    engine = Engine(pipe, max_batch_images=max_batch_images, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                    metrics=Metrics(labels={"replica": replica}))
+    state = ServeState(engine, model=str(model), image_size=pipe.dims.super_res_size, replica=replica,
+                       timeout_s=timeout_s, max_body_bytes=max_body_bytes)
+    _log_to_stderr()
+    click.echo(f"unclip: serving {model} on http://{host}:{port} (replica {replica})", err=True)
+    run_server(state, host, port, drain_s)
+
+
+def _log_to_stderr() -> None:
+    """Access lines are JSON objects as they are; the engine's own notes get a prefix."""
+    for name, fmt in (("unclip.serve.access", "%(message)s"), ("unclip.serve", "unclip: %(message)s")):
+        logger = logging.getLogger(name)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(fmt))
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

@@ -1,19 +1,22 @@
 """`unclip export tensorrt`: one TensorRT engine per exported ONNX network.
 
-Per network: optimisation profile from the batch sizes -> parse the ONNX file -> check that the
-fp16 graph kept its fragile nodes in fp32 -> build a strongly typed engine (the ONNX types decide
-each layer's precision: fp16 matmuls/convs, fp32 norms, softmax, exp and timestep embedding) with a
-persistent timing cache. Strong typing is the only way to get mixed precision that exists in both
-TensorRT 10 and 11 (11 removed BuilderFlag.FP16 and OBEY_PRECISION_CONSTRAINTS), so the precision
-is chosen when the ONNX files are exported (`unclip export onnx --precision fp16`).
+Per network: check that the fp16 graph kept its fragile nodes in fp32 -> optimisation profile
+from the batch sizes -> build a strongly typed engine (the ONNX types decide each layer's
+precision: fp16 matmuls/convs, fp32 norms, softmax, exp and timestep embedding) with a persistent
+timing cache. Strong typing is the only way to get mixed precision that exists in both TensorRT
+10 and 11 (11 removed BuilderFlag.FP16 and OBEY_PRECISION_CONSTRAINTS), so the precision is
+chosen when the ONNX files are exported (`unclip export onnx --precision fp16`).
 
-Everything above the `build_engine` call is plain Python and tested without TensorRT.
+The build itself is Polygraphy's (`network_from_onnx_path`, `CreateConfig`, `engine_bytes_from_network`):
+it tracks TensorRT's API changes for us. Ours are the profiles, the engine cache and manifest,
+the fp32-island check and the one-line errors; all of it is tested without TensorRT.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,10 +78,6 @@ def profile_for(network: str, batch_sizes: list[int]) -> Profile:
     guided, unguided = ROWS[network]
     low = 1 if network == "text_encoder" else unguided(sizes[0])
     return Profile(min=low, opt=guided(sizes[len(sizes) // 2]), max=guided(sizes[-1]))
-
-
-def profiles(networks: list[str], batch_sizes: list[int]) -> dict[str, Profile]:
-    return {name: profile_for(name, batch_sizes) for name in networks}
 
 
 def check_build_args(batch_sizes: list[int], workspace_gb: float, opt_level: int) -> None:
@@ -144,55 +143,52 @@ def import_tensorrt():
     return tensorrt
 
 
-def _logger(trt, errors: list[str]):
-    """A TensorRT logger that keeps error messages for the failure line and forwards the rest."""
-
-    class Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-
-        def log(self, severity, msg):
-            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                errors.append(msg)
-                log.error("TensorRT: %s", msg)
-            elif severity == trt.ILogger.Severity.WARNING:
-                log.warning("TensorRT: %s", msg)
-
-    return Logger()
-
-
 def build_engine(onnx_path: Path, network: str, inputs: list[dict], profile: Profile,
                  options: BuildOptions) -> bytes:
     """A serialized engine for one network; `inputs` are the manifest's input entries (name, shape)."""
     trt = import_tensorrt()
     check_fp32_islands(onnx_path, network)
-    errors: list[str] = []
-    logger = _logger(trt, errors)
-    builder = trt.Builder(logger)
-    # STRONGLY_TYPED: required for mixed precision on 10.x, accepted (always on) on 11.x
-    definition = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(definition, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # reads <network>.onnx.data next to it itself
-        said = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
-        raise UnclipError(f"TensorRT's ONNX parser rejected {onnx_path.name} ({said}); check "
-                          f"`tensorrt_unsupported_ops` in the manifest and {INSTALL_HINT.split('; ')[1]}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
-    config.builder_optimization_level = options.opt_level
-    trt_profile = builder.create_optimization_profile()
+    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, engine_bytes_from_network
+    from polygraphy.backend.trt import Profile as Shapes
+    from polygraphy.exception import PolygraphyException
+
+    from unclip.export.tensorrt_check import polygraphy_log
+
+    shapes = Shapes()
     for tensor in inputs:
         low, opt, high = profile.shapes(tensor["shape"])
-        trt_profile.set_shape(tensor["name"], low, opt, high)
-    config.add_optimization_profile(trt_profile)
+        shapes.add(tensor["name"], min=low, opt=opt, max=high)
     cache_path = options.timing_cache
-    if cache_path is not None:
-        cached = cache_path.read_bytes() if cache_path.is_file() else b""
-        config.set_timing_cache(config.create_timing_cache(cached), False)  # False: refuse a foreign cache
-    serialized = builder.build_serialized_network(definition, config)
-    if serialized is None:
-        raise UnclipError(build_failure_message(network, profile, errors, options.workspace_gb))
-    if cache_path is not None:  # tactic timings found here speed up every later build on this GPU
-        write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    # file objects, not paths: with a path Polygraphy leaves a .lock file beside it and writes in place
+    old_cache = open(cache_path, "rb") if cache_path is not None and cache_path.is_file() else None
+    new_cache = tempfile.TemporaryFile() if cache_path is not None else None
+    try:
+        with polygraphy_log() as errors:
+            # TF32 stays off (Polygraphy's default, not TensorRT's): fp32 layers compute in fp32
+            config = CreateConfig(profiles=[shapes], load_timing_cache=old_cache,
+                                  builder_optimization_level=options.opt_level,
+                                  memory_pool_limits={trt.MemoryPoolType.WORKSPACE:
+                                                      int(options.workspace_gb * (1 << 30))})
+            # STRONGLY_TYPED: required for mixed precision on 10.x, accepted (always on) on 11.x;
+            # the parser reads <network>.onnx.data next to the file itself
+            parse = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+            try:
+                serialized = engine_bytes_from_network(parse, config=config, save_timing_cache=new_cache)
+            except PolygraphyException as exc:
+                said = errors[:-1]  # the last is Polygraphy's own summary, the exception's text
+                if "parse ONNX" in str(exc):
+                    raise UnclipError(f"TensorRT's ONNX parser rejected {onnx_path.name} "
+                                      f"({'; '.join(said) or exc}); check `tensorrt_unsupported_ops` in "
+                                      f"the manifest and {INSTALL_HINT.split('; ')[1]}") from None
+                message = build_failure_message(network, profile, said, options.workspace_gb)
+                raise UnclipError(message) from None
+        if new_cache is not None:  # tactic timings found here speed up every later build on this GPU
+            new_cache.seek(0)
+            write_atomic(cache_path, new_cache.read())
+    finally:
+        for f in (old_cache, new_cache):
+            if f is not None:
+                f.close()
     return bytes(serialized)
 
 
@@ -222,7 +218,7 @@ def export_tensorrt(folder: Path, precision: str, batch_sizes: list[int], option
         new = cache.engine_entry(network, precision, profile.to_dict(), entry["sha256"], target,
                                  hashlib.sha256(data).hexdigest(),
                                  {"workspace_gb": options.workspace_gb, "opt_level": options.opt_level,
-                                  "strongly_typed": True})
+                                  "strongly_typed": True, "tf32": False})
         write_atomic(folder / new["file"], data)
         entries[network] = new
         old = cache.engine_entries(manifest).get(network)

@@ -2,14 +2,19 @@
 
 Inputs and outputs are torch tensors on the GPU, handed to TensorRT by address (no host copies);
 each call sets the input shapes of this batch, binds every tensor by its spec name and enqueues
-with `execute_async_v3` on torch's current stream, so the work orders with the surrounding torch
-kernels and can be captured in a CUDA graph. TensorRT does its shape-dependent setup on the first
-enqueue after a shape change; StageRunner's warm-up pass before capture is that first enqueue.
+with `execute_async_v3`. Which stream (`enqueue`): outside capture, the backend's own stream,
+fenced both ways against torch's current stream (which is usually the legacy default stream, on
+which TensorRT adds synchronisation of its own); inside CUDA-graph capture, the capturing stream
+itself (a non-default stream that torch.cuda.graph made current), since only work on the capturing
+stream, or on streams joined to it, becomes part of the graph. TensorRT does its shape-dependent
+setup on the first enqueue after a shape change; StageRunner's warm-up pass before capture is that
+first enqueue.
 
 A captured graph fixes the execution context's shape state, so each (network, rows) gets its own
 context: graphs captured at two batch sizes never share one. The contexts' scratch memory is one
 torch buffer, sized for the largest engine and allocated up front (its address must not move
-under a captured graph); sharing it is safe because every enqueue is on the same stream in order.
+under a captured graph); sharing it is safe because enqueues never overlap: eager calls are
+ordered on the backend's stream, a graph's on its capture stream, and torch's stream waits for each.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class TensorRTBackend:
         recorded = tensorrt_cache.engine_entries(artifact.manifest)
         self.profiles = {name: recorded[name]["profile"] for name in self.specs}
         self._constants = {k: v.to(self.device) for k, v in artifact.constants.items()}
+        self._stream = torch.cuda.Stream(self.device)  # TensorRT's, outside capture
 
     def _check_io(self, trt, name: str, engine, path: Path) -> None:
         """The engine's tensors must be the spec's, in name and dtype: binding is by name."""
@@ -93,7 +99,7 @@ class TensorRTBackend:
                               f"{profile['min']}..{profile['max']}; rebuild with `unclip export tensorrt "
                               f"--batch-sizes ... --rebuild` covering this batch")
         context = self._context(network, rows)
-        keep = []  # casts/copies; freeing them after return is safe: torch reuses memory in stream order
+        keep = []  # casts/copies, freed on return: safe, torch's stream waits for TensorRT (enqueue)
         for t in spec.inputs:
             x = inputs[t.name]
             if x.dtype != DTYPES[t.dtype] or x.device != self.device or not x.is_contiguous():
@@ -107,13 +113,28 @@ class TensorRTBackend:
             y = torch.empty(shape, dtype=DTYPES[t.dtype], device=self.device)
             context.set_tensor_address(t.name, y.data_ptr())
             outputs[t.name] = y
-        stream = torch.cuda.current_stream(self.device)
-        if not context.execute_async_v3(stream.cuda_stream):
+        current = torch.cuda.current_stream(self.device)
+        if not enqueue(context, current, self._stream, torch.cuda.is_current_stream_capturing()):
             raise UnclipError(f"TensorRT failed to run {network} at {rows} rows (see its log above)")
         return outputs
 
     def constants(self) -> dict[str, torch.Tensor]:
         return self._constants
+
+
+def enqueue(context, current, own, capturing: bool) -> bool:
+    """execute_async_v3 on the right stream (module docstring); True when TensorRT accepted it.
+
+    Outside capture the backend's stream first waits for torch's (inputs are written there), and
+    torch's then waits for it (outputs are read there), so memory the caller frees after the call
+    is reused only after TensorRT is done with it.
+    """
+    if capturing:
+        return context.execute_async_v3(current.cuda_stream)
+    own.wait_stream(current)
+    accepted = context.execute_async_v3(own.cuda_stream)
+    current.wait_stream(own)
+    return accepted
 
 
 def _TRT_DTYPES(trt) -> dict:  # noqa: N802 - a table, built once TensorRT is imported

@@ -251,6 +251,45 @@ def test_backend_refuses_cpu_and_missing_engines(tiny_fp16, monkeypatch):
         TensorRTBackend(load_artifact(tiny_fp16), "cuda")
 
 
+class Stream:
+    """Records the stream calls the backend makes (torch.cuda.Stream's names)."""
+
+    def __init__(self, name, calls):
+        self.cuda_stream, self.name, self.calls = name, name, calls
+
+    def wait_stream(self, other):
+        self.calls.append(f"{self.name} waits for {other.name}")
+
+
+class Context:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def execute_async_v3(self, stream_handle):
+        self.calls.append(f"enqueue on {stream_handle}")
+        return True
+
+
+def test_enqueue_uses_its_own_stream_fenced_both_ways():
+    from unclip.engine.backends.tensorrt_backend import enqueue
+
+    calls = []
+    current, own = Stream("torch's current", calls), Stream("backend's", calls)
+    assert enqueue(Context(calls), current, own, capturing=False)
+    # inputs are written on torch's stream before TensorRT reads them; outputs read there after it wrote
+    assert calls == ["backend's waits for torch's current", "enqueue on backend's",
+                     "torch's current waits for backend's"]
+
+
+def test_enqueue_inside_capture_uses_the_capturing_stream():
+    """Only work on the capturing stream (or streams joined to it) becomes part of the graph."""
+    from unclip.engine.backends.tensorrt_backend import enqueue
+
+    calls = []
+    assert enqueue(Context(calls), Stream("capturing", calls), Stream("backend's", calls), capturing=True)
+    assert calls == ["enqueue on capturing"]
+
+
 # -- build failures and the fp32 islands --------------------------------------------------------
 
 def test_build_failure_message_names_network_profile_and_fix():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,6 @@ log = logging.getLogger("unclip")
 BATCH_AXIS = "batch"  # the one dynamic axis of the spec table (unclip.specs)
 DEFAULT_WORKSPACE_GB = 4.0
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default; 0..5, higher = longer build, maybe faster engine
-INSTALL_HINT = ("install TensorRT 10 or newer with its builder (pip install tensorrt, on a machine with an "
-                "NVIDIA GPU and driver); see docs/tensorrt.md")
 
 # How many rows each network sees for a call that makes B images (read off Pipeline.generate):
 # encode_text runs the prompts plus one "" row when guided; prior, text_proj and decoder run the
@@ -80,9 +79,7 @@ def profile_for(network: str, batch_sizes: list[int]) -> Profile:
     return Profile(min=low, opt=guided(sizes[len(sizes) // 2]), max=guided(sizes[-1]))
 
 
-def check_build_args(batch_sizes: list[int], workspace_gb: float, opt_level: int) -> None:
-    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise UnclipError(f"--batch-sizes {batch_sizes} must be positive integers, e.g. 1,4,8")
+def check_build_args(workspace_gb: float, opt_level: int) -> None:
     if not (workspace_gb > 0 and workspace_gb == workspace_gb and workspace_gb < 1024):
         raise UnclipError(f"--workspace {workspace_gb} GB must be above 0 and below 1024 GB, e.g. 4")
     if not 0 <= opt_level <= 5:
@@ -139,7 +136,9 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise UnclipError(f"TensorRT is not installed (import tensorrt failed); {INSTALL_HINT}") from None
+        raise UnclipError("TensorRT is not installed (import tensorrt failed); install TensorRT 10.1 or "
+                          "newer with its builder, and Polygraphy (pip install tensorrt polygraphy, on a "
+                          "machine with an NVIDIA GPU and driver); see docs/tensorrt.md") from None
     return tensorrt
 
 
@@ -148,47 +147,39 @@ def build_engine(onnx_path: Path, network: str, inputs: list[dict], profile: Pro
     """A serialized engine for one network; `inputs` are the manifest's input entries (name, shape)."""
     trt = import_tensorrt()
     check_fp32_islands(onnx_path, network)
-    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, engine_bytes_from_network
-    from polygraphy.backend.trt import Profile as Shapes
+    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile, engine_bytes_from_network
     from polygraphy.exception import PolygraphyException
 
     from unclip.export.tensorrt_check import polygraphy_log
 
-    shapes = Shapes()
+    shapes = Profile()
     for tensor in inputs:
         low, opt, high = profile.shapes(tensor["shape"])
         shapes.add(tensor["name"], min=low, opt=opt, max=high)
-    cache_path = options.timing_cache
-    # file objects, not paths: with a path Polygraphy leaves a .lock file beside it and writes in place
-    old_cache = open(cache_path, "rb") if cache_path is not None and cache_path.is_file() else None
-    new_cache = tempfile.TemporaryFile() if cache_path is not None else None
-    try:
-        with polygraphy_log() as errors:
-            # TF32 stays off (Polygraphy's default, not TensorRT's): fp32 layers compute in fp32
-            config = CreateConfig(profiles=[shapes], load_timing_cache=old_cache,
-                                  builder_optimization_level=options.opt_level,
-                                  memory_pool_limits={trt.MemoryPoolType.WORKSPACE:
-                                                      int(options.workspace_gb * (1 << 30))})
-            # STRONGLY_TYPED: required for mixed precision on 10.x, accepted (always on) on 11.x;
-            # the parser reads <network>.onnx.data next to the file itself
-            parse = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
-            try:
-                serialized = engine_bytes_from_network(parse, config=config, save_timing_cache=new_cache)
-            except PolygraphyException as exc:
-                said = errors[:-1]  # the last is Polygraphy's own summary, the exception's text
-                if "parse ONNX" in str(exc):
-                    raise UnclipError(f"TensorRT's ONNX parser rejected {onnx_path.name} "
-                                      f"({'; '.join(said) or exc}); check `tensorrt_unsupported_ops` in "
-                                      f"the manifest and {INSTALL_HINT.split('; ')[1]}") from None
-                message = build_failure_message(network, profile, said, options.workspace_gb)
-                raise UnclipError(message) from None
-        if new_cache is not None:  # tactic timings found here speed up every later build on this GPU
-            new_cache.seek(0)
-            write_atomic(cache_path, new_cache.read())
-    finally:
-        for f in (old_cache, new_cache):
-            if f is not None:
-                f.close()
+    cache = options.timing_cache
+    with ExitStack() as files, polygraphy_log() as errors:
+        # file objects, not paths: given a path, Polygraphy leaves a .lock file and writes in place
+        old = files.enter_context(open(cache, "rb")) if cache and cache.is_file() else None
+        new = files.enter_context(tempfile.TemporaryFile()) if cache else None
+        # TF32 stays off (Polygraphy's default, not TensorRT's): fp32 layers compute in fp32
+        workspace = {trt.MemoryPoolType.WORKSPACE: int(options.workspace_gb * 2**30)}
+        config = CreateConfig(profiles=[shapes], load_timing_cache=old, memory_pool_limits=workspace,
+                              builder_optimization_level=options.opt_level)
+        # STRONGLY_TYPED: required for mixed precision on 10.x, accepted (always on) on 11.x; the
+        # parser reads <network>.onnx.data next to the file itself
+        parse = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+        try:
+            serialized = engine_bytes_from_network(parse, config=config, save_timing_cache=new)
+        except PolygraphyException as exc:
+            said = errors[:-1]  # the last is Polygraphy's own summary, the exception's text
+            failure = build_failure_message(network, profile, said, options.workspace_gb)
+            if "parse ONNX" in str(exc):
+                failure = (f"TensorRT's ONNX parser rejected {onnx_path.name} ({'; '.join(said) or exc}); "
+                           f"check `tensorrt_unsupported_ops` in the manifest and docs/tensorrt.md")
+            raise UnclipError(failure) from None
+        if new:  # tactic timings found here speed up every later build on this GPU
+            new.seek(0)
+            write_atomic(cache, new.read())
     return bytes(serialized)
 
 

@@ -29,8 +29,6 @@ SHAPES = ("min", "opt", "max")
 # TensorRT's fp16 kernels and ORT's fp16 kernels sum in different orders; their difference is the
 # same size as ORT-vs-PyTorch in export validation, so the export's tolerance applies unchanged.
 
-log = logging.getLogger("unclip")
-
 
 @dataclass(frozen=True)
 class CheckRow:
@@ -46,29 +44,21 @@ class CheckRow:
 
 @contextmanager
 def polygraphy_log():
-    """Polygraphy's log (TensorRT's included) through Python logging while inside: progress stays
-    quiet, warnings reach our log, errors are kept (the yielded list) for our one-line errors."""
+    """Polygraphy's log (TensorRT's included) through Python logging while inside, so that its
+    progress stays quiet and its errors are kept (the yielded list) for our one-line errors."""
     from polygraphy.logger import G_LOGGER
 
     errors: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            text = record.getMessage()[4:]  # less Polygraphy's "[E] " severity letter
-            if record.levelno >= logging.ERROR:
-                errors.append(text)
-            else:
-                log.warning("polygraphy: %s", text)
-
-    polygraphy, handler = logging.getLogger("Polygraphy"), Keep(logging.WARNING)
-    was = G_LOGGER.use_python_logging_system, G_LOGGER.colors, polygraphy.propagate
-    G_LOGGER.use_python_logging_system, G_LOGGER.colors, polygraphy.propagate = True, False, False
-    polygraphy.addHandler(handler)
+    keep = logging.Handler(logging.ERROR)
+    keep.emit = lambda record: errors.append(record.getMessage()[4:])  # less the "[E] " severity tag
+    was = G_LOGGER.use_python_logging_system, G_LOGGER.colors
+    G_LOGGER.use_python_logging_system, G_LOGGER.colors = True, False
+    logging.getLogger("Polygraphy").addHandler(keep)
     try:
         yield errors
     finally:
-        polygraphy.removeHandler(handler)
-        G_LOGGER.use_python_logging_system, G_LOGGER.colors, polygraphy.propagate = was
+        logging.getLogger("Polygraphy").removeHandler(keep)
+        G_LOGGER.use_python_logging_system, G_LOGGER.colors = was
 
 
 class OutputRule:
@@ -82,8 +72,7 @@ class OutputRule:
         shape = SHAPES[len({r.shape for r in self.rows})]
         for name, ref in reference.items():
             ref, got = np.asarray(ref, dtype=np.float64), np.asarray(actual[name], dtype=np.float64)
-            nonfinite = int((~np.isfinite(got)).sum())
-            scale = float(np.abs(ref).max(initial=0.0))
+            nonfinite, scale = int((~np.isfinite(got)).sum()), float(np.abs(ref).max(initial=0.0))
             bad = nonfinite or got.shape != ref.shape
             max_abs = float("inf") if bad else float(np.abs(got - ref).max(initial=0.0))
             ok = not bad and max_abs <= self.tolerance * max(1.0, scale)

@@ -4,18 +4,19 @@
 #   bash benchmarks/gpu_suite.sh [--from DIR] [PHASE ...]
 #
 #   PHASE          what                                                       time cap   estimate (H100)
-#   tests          pytest -m gpu                                              360 s      ~230 s
-#   small          small preset, batch 1, 8 runners, 25/25/7 steps            270 s      ~130 s
-#   karlo-main     karlo, batch 1 and 8: diffusers fp32/fp16, ours fp16       450 s      ~210 s
+#   tests          pytest -m gpu                                              360 s      ~190 s
+#   small          small preset, batch 1, 8 runners, 25/25/7 steps            270 s      ~150 s
+#   karlo-main     karlo, batch 1 and 8: diffusers fp32/fp16, ours fp16       450 s      ~180 s
 #                  eager and graphs+kernels (the acceptance numbers)
-#   karlo-kernels  karlo, batch 1 and 8: diffusers fp32, ours fp16 eager,     450 s      ~240 s
+#   karlo-kernels  karlo, batch 1 and 8: diffusers fp32, ours fp16 eager,     450 s      ~210 s
 #                  graphs, graphs with each kernel alone (is each worth it)
 #
-# Estimates (not measured; docs/gpu.md shows the arithmetic): FLOPs counted per network call
-# (flop_counter), at assumed H100 rates; kernel launches counted per call, at 20 us each in eager
-# mode; process start, model build, Triton compilation; then x1.5 (the caps). Phases run in the
-# order given (default: all four) until the next one's cap no longer fits this call's BUDGET
-# (default 540 s of the device call's 600); then the script names the command for the next call.
+# Estimates, not measured (docs/gpu.md has the arithmetic): FLOPs and kernel launches counted per
+# network call here, at assumed H100 rates and 20 us per eager launch, plus process starts, model
+# builds and Triton compilation. Phases run in the order given (default: all four) while the next
+# one's cap still fits this call's BUDGET (default 540 s of the device call's 600); otherwise the
+# script stops and names the command for the next call. Expected: 3 calls (tests + small, then
+# karlo-main, then karlo-kernels).
 #
 # Everything goes to $OUT (default unclip-out/gpu), at most 7 files: log.txt (all calls, appended),
 # phases.txt (one line per finished phase: name, exit status, seconds, dtype), parts/<phase>.json

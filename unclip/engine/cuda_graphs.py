@@ -61,6 +61,7 @@ class StageRunner:
         self.dtype = getattr(backend, "dtype", torch.float32)
         self.buffers: dict[tuple, StageBuffers] = {}  # keyed by (stage, batch, steps, guided)
         self._pool = None  # one memory pool for all graphs: they are never replayed concurrently
+        self._stream = None  # where every warm-up and capture runs
 
     def denoise(self, stage: str, x: torch.Tensor, noise: list[torch.Tensor | None],
                 config: SchedulerConfig, table: StepTable, networks: list[str],
@@ -131,18 +132,18 @@ class StageRunner:
             b.step.add_(1)
 
     def _capture(self, stage: str, b: StageBuffers, spec: GuidanceStep, networks: list[str]) -> None:
-        # Warm-up on a side stream first, as torch's CUDA-graph notes ask: it creates cuBLAS and
-        # cuDNN workspaces, compiles the Triton kernels and settles the caching allocator.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._steps(b, spec, networks)
-        torch.cuda.current_stream().wait_stream(side)
-        b.step.zero_()
+        # Warm-up on a side stream first, as torch's CUDA-graph notes ask: it compiles the Triton
+        # kernels and settles the caching allocator. The same stream then captures: cuBLAS keeps one
+        # workspace per stream, made at its first use there, which must be now, not in the graph pool.
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+            self._pool, self._stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            self._steps(b, spec, networks)
+        torch.cuda.current_stream().wait_stream(self._stream)
+        b.step.zero_()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
             self._steps(b, spec, networks)
         self._check_pool(stage)
         b.graph = graph

@@ -1,4 +1,6 @@
-"""`unclip bench --device cuda` on tiny: CUDA-event timing, GPU peak memory, the bf16 matmul peak."""
+"""`unclip bench --device cuda` on tiny (gpu): CUDA-event timing, GPU peak memory, the bf16 matmul peak.
+On CPU: the GPU suite's plumbing (benchmarks/gpu_suite.sh and gpu_fastpath.py): its one-line
+preflight, its phases within a call's budget and their resumption, the merge of its parts."""
 
 from __future__ import annotations
 

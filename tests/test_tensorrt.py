@@ -1,8 +1,10 @@
 """TensorRT export and backend: every part that runs without TensorRT or a GPU.
 
-Profiles, engine names, the manifest section, the missing/stale/foreign checks, the build-failure
-and --check reports, the fp32-island check of fp16 graphs and the CLI's refusals. The parts that
-need TensorRT and a GPU are in test_tensorrt_gpu.py.
+Profiles, engine names, the manifest section, the missing/stale/foreign checks, the build on
+Polygraphy's loaders (TensorRT stood in for) and its one-line failures, --check's comparison
+through Polygraphy's Comparator (stand-in runners; ONNX Runtime against the torch networks), the
+stream the backend enqueues on, the fp32-island check of fp16 graphs and the CLI's refusals. The
+parts that need TensorRT and a GPU are in test_tensorrt_gpu.py.
 """
 
 from __future__ import annotations

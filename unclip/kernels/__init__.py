@@ -1,10 +1,10 @@
 """Fused Triton kernels, each with a plain-torch reference (the CPU path and the test oracle).
 
-Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when its module is imported: with
-TRITON_INTERPRET=1 the kernels become Python functions run by Triton's interpreter on CPU tensors.
-That is how CI runs them (tests/test_kernels.py imports private copies of these modules with the
-variable set, so nothing else in the process sees interpreted kernels); `runs_on` says where a
-module's kernels can run.
+Triton reads TRITON_INTERPRET when it decorates a function (triton's own `tl.sum` at `import
+triton`, ours when their module is imported): in a process started with TRITON_INTERPRET=1 the
+kernels are Python functions run by Triton's interpreter on CPU tensors. That is how every test
+run exercises them, in a child process (tests/triton_interpreter.py), so that no other test sees
+interpreted kernels. `runs_on` in each kernel module says which tensors its kernels can take.
 """
 
 from __future__ import annotations

@@ -21,12 +21,19 @@ Inside a graph the network calls of a stage cannot be timed one by one, so the g
 record one timed call per stage loop; their per-stage FLOPs are taken from torch-fp16 (the same
 work, counted per call) and their per-network table is left empty.
 
+A preset (`--model small|karlo`) is built on the GPU in every runner process, from the same seed:
+the same weights everywhere in seconds, where Karlo's 3.4e9 weights take minutes to initialise
+on the CPU or to load from a 13.7 GB checkpoint, once per runner.
+
     python benchmarks/gpu_fastpath.py --model karlo --batch-sizes 1,8 --out OUT/karlo
+    python benchmarks/gpu_fastpath.py --preflight     # one line: can this machine run the suite?
+    python benchmarks/gpu_fastpath.py --merge OUT     # OUT/parts/*.json -> OUT/results.{json,md}
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shlex
 import subprocess
@@ -85,20 +92,30 @@ class TimedStageRunner:
 class FastRunner(Runner):
     """unclip bench's runner, plus the runners of RUNNERS."""
 
+    def build(self):
+        """The model's components: a preset built on the GPU (module docstring), else loaded."""
+        from unclip.models import load_model
+        from unclip.models.components import build_preset
+        from unclip.models.presets import PRESETS
+
+        model = self.spec["model"]
+        if model in PRESETS and not Path(model).exists() and self.device.type == "cuda":
+            return build_preset(model, device=self.device)
+        return load_model(model)
+
     def load(self) -> None:
-        options = runner_options(self.kind)
+        options = {"diffusers_dtype": "fp32"} if self.kind == BASELINE else runner_options(self.kind)
         if options is None:
             return super().load()
+        self.components = self.build()
         if "diffusers_dtype" in options:
             from unclip.bench.baseline import attach_timeline, diffusers_pipeline
-            from unclip.models import load_model
 
-            self.components = load_model(self.spec["model"])
-            dtype = DTYPES[options["diffusers_dtype"]]
-            for name in NETWORKS:  # cast before .to(cuda): no fp32 copy on the GPU
-                getattr(self.components, name).to(dtype)
+            for name in NETWORKS:
+                getattr(self.components, name).to(DTYPES[options["diffusers_dtype"]])
             self.pipe = diffusers_pipeline(self.components, self.spec["device"])
             attach_timeline(self.pipe, self.timeline)
+            self.release_cast_copies()
             return None
         import unclip
         from unclip.engine.fast_path import UNETS
@@ -107,7 +124,8 @@ class FastRunner(Runner):
 
         only = options.pop("only")  # one kernel alone, switched on here as fast_path would
         channels_last = options.pop("channels_last")
-        self.pipe = unclip.load(self.spec["model"], device=self.spec["device"], **options)
+        self.pipe = unclip.load(self.components, device=self.spec["device"], **options)
+        self.release_cast_copies()
         if channels_last:  # 4-D weights only; activations follow the convolutions' weights
             for name in UNETS:
                 self.pipe.backend.networks[name].to(memory_format=torch.channels_last)
@@ -120,6 +138,12 @@ class FastRunner(Runner):
         if self.pipe.stage_runner is not None:
             self.pipe.stage_runner = TimedStageRunner(self.pipe.stage_runner, self.timeline)
         return None
+
+    def release_cast_copies(self) -> None:
+        """The float32 weights a half cast replaced stay cached by torch's allocator: give them back,
+        or every runner process would keep a model's float32 size of GPU memory reserved."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def generate(self, batch: int) -> list:
         if "diffusers_dtype" in (runner_options(self.kind) or {}):
@@ -195,8 +219,81 @@ class FastResults(Results):
         return out
 
 
+# What the GPU suite imports (its tests and its benchmark runners). The device image has all but
+# the last two; those travel as wheels (--no-deps; importlib_metadata 8.x: 9+ needs lazy-importer).
+REQUIRED = {name: None for name in ("torch", "triton", "transformers", "numpy", "PIL", "safetensors", "click",
+                                    "tqdm", "onnx", "onnxruntime", "pytest")}
+REQUIRED.update(diffusers="diffusers==0.42.1", importlib_metadata="importlib_metadata==8.7.0")
+
+
+def preflight(import_module=importlib.import_module, gpu: str | None = None) -> tuple[bool, str]:
+    """(ready, one line): every required module imports and torch sees a GPU (`gpu`: its name)."""
+    modules, missing = {}, []
+    for name in REQUIRED:
+        try:
+            modules[name] = import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any import failure means: not usable here
+            missing.append(f"{name} ({type(exc).__name__})")
+    if missing:
+        carry = " ".join(REQUIRED[m.split()[0]] for m in missing if REQUIRED[m.split()[0]])
+        hint = f"; carry as wheels in .whl: {carry} (see benchmarks/gpu_suite.sh)" if carry else ""
+        return False, f"gpu_suite: cannot start: missing {', '.join(missing)}{hint}"
+    if gpu is None:
+        return False, "gpu_suite: cannot start: torch sees no CUDA GPU (torch.cuda.is_available() is False)"
+    shown = ", ".join(f"{n} {getattr(modules[n], '__version__', '?')}"
+                      for n in ("torch", "triton", "diffusers", "transformers"))
+    return True, f"gpu_suite: ready on {gpu}: {shown}"
+
+
+def merge(out: Path) -> dict:
+    """OUT/parts/<phase>.json (each phase's results.json) -> OUT/results.json (every part, and one
+    summary row per run) and OUT/results.md (the summary, then each part's own report)."""
+    from unclip.bench.report import markdown
+    from unclip.bench.results import now, write_atomic, write_json
+
+    parts = {p.stem: json.loads(p.read_text()) for p in sorted((out / "parts").glob("*.json"))}
+    summary = []
+    for part, doc in parts.items():
+        for run in doc["runs"]:
+            half = {k[11:]: v for k, v in run.items() if k.startswith("speedup_vs_diffusers_")}
+            summary.append({"part": part, "status": doc["status"], "model": doc["settings"]["model"],
+                            "gpu": doc["machine"].get("gpu_name"), "backend": run["backend"],
+                            "batch": run["batch_size"], "median_ms": run["latency_ms"]["median"],
+                            "speedup_vs_diffusers_fp32": run["speedup_vs_baseline"], "speedup_vs": half,
+                            "stage_fraction_of_matmul_peak": run["stage_fraction_of_matmul_peak"]})
+    document = {"suite": "benchmarks/gpu_suite.sh", "written": now(), "summary": summary, "parts": parts}
+    write_json(out / "results.json", document)
+
+    def ratio(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}x"
+
+    lines = ["# GPU suite, every part", "", "Speed-ups compare runs of one part (one set of processes, "
+             "interleaved rounds).", "", "| part | model | backend | batch | median ms | vs diffusers fp32 | "
+             "vs diffusers half | fraction of matmul peak |", "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in summary:
+        half = ", ".join(f"{ratio(v)} ({k})" for k, v in r["speedup_vs"].items()) or "n/a"
+        fractions = r["stage_fraction_of_matmul_peak"].items()
+        peak = ", ".join(f"{k} {v:.3f}" for k, v in fractions if v is not None)
+        lines.append(f"| {r['part']} ({r['status']}) | {r['model']} | {r['backend']} | {r['batch']} | "
+                     f"{r['median_ms']:,.1f} | {ratio(r['speedup_vs_diffusers_fp32'])} | {half} | {peak} |")
+    for part, doc in parts.items():  # each part's own report, its headings one level down
+        lines += ["", f"# Part `{part}`", ""]
+        lines += ["#" + x if x.startswith("#") else x for x in markdown(doc).splitlines()]
+    write_atomic(out / "results.md", "\n".join(lines) + "\n")
+    return document
+
+
 def main(argv: list[str]) -> None:
     from unclip.bench.config import BenchConfig
+
+    if argv[:1] == ["--preflight"]:
+        ok, line = preflight(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+        print(line, flush=True)
+        sys.exit(0 if ok else 3)
+    if argv[:1] == ["--merge"]:
+        parts = merge(Path(argv[1]))["parts"]
+        print(f"gpu_fastpath: merged {len(parts)} part(s) into {argv[1]}/results.json", flush=True)
+        return
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="karlo", help="preset or checkpoint folder")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.conftest import FAST_STEPS
 from tests.onnx_artifacts import copy_of, exported, siblings
 
+REPO = Path(__file__).resolve().parents[1]
 # The issue's bound for fp32 artifacts; tiny measures ~1e-7 (per-network differences ~1e-6).
 FP32_TOLERANCE = 2 / 255
 
@@ -131,16 +134,36 @@ def test_bad_batch_sizes(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def cuda_io_binding_missing() -> list[str]:
+    """What the CUDA I/O-binding test needs besides a GPU. Read at collection, so that its skip mark
+    skips it before any fixture runs: the GPU image has CPU onnxruntime and no onnxsim, which the
+    export in `tiny_onnx` imports (an error at setup, not a skip, if the body checked)."""
+    missing = []
+    try:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            missing.append("onnxruntime-gpu (CUDAExecutionProvider is not available)")
+    except ImportError:
+        missing.append("onnxruntime")
+    try:
+        import onnxsim  # noqa: F401
+    except ImportError:
+        missing.append("onnxsim (the ONNX export's graph clean-up)")
+    return missing
+
+
+CUDA_IO_BINDING_MISSING = cuda_io_binding_missing()
+
+
 @pytest.mark.gpu
+@pytest.mark.skipif(bool(CUDA_IO_BINDING_MISSING), reason="needs " + " and ".join(CUDA_IO_BINDING_MISSING))
 def test_cuda_io_binding_matches_cpu(tiny_onnx):
     """CUDA execution provider with I/O binding (needs onnxruntime-gpu) against the CPU provider."""
-    import onnxruntime as ort
     import torch
 
     import unclip
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
     gpu = unclip.load(tiny_onnx, backend="onnxruntime", device="cuda")
     x = torch.randn(2, 32, device="cuda")
     assert gpu.backend.constants()["clip_mean"].is_cuda
@@ -167,3 +190,31 @@ def test_model_sampler_defaults_travel_into_the_artifact(tiny_folder, tmp_path):
     export_onnx(model, tmp_path / "artifact")
     pipe = unclip.load(tmp_path / "artifact", backend="onnxruntime")
     assert pipe.settings().decoder_guidance == 2.5 and pipe.settings().prior_guidance == 4.0
+
+
+GPU_IMAGE = """
+# A pytest plugin that makes this CPU machine look like the GPU image to the test above: CUDA
+# available, onnxsim absent (onnxruntime is the CPU build in both).
+import sys
+
+import torch
+
+torch.cuda.is_available = lambda: True
+sys.modules["onnxsim"] = None  # `import onnxsim` raises ImportError
+"""
+
+
+def test_cuda_io_binding_skips_before_its_fixture_on_the_gpu_image(tmp_path):
+    """On the GPU image the gpu mark does not skip (there is a GPU): the test must skip on what else it
+    needs, before its export fixture runs."""
+    (tmp_path / "gpu_image.py").write_text(GPU_IMAGE)
+    path = os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "gpu_image", "-p", "no:cacheprovider", "-q",
+                           "-rs", "--setup-show", f"{__file__}::test_cuda_io_binding_matches_cpu"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 skipped" in proc.stdout
+    assert "needs onnxruntime-gpu (CUDAExecutionProvider is not available) and onnxsim" in proc.stdout
+    setups = [line for line in proc.stdout.splitlines() if "SETUP" in line]
+    assert not any("tiny_onnx" in line for line in setups), setups  # --setup-show lists each fixture set up

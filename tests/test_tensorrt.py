@@ -1,8 +1,10 @@
 """TensorRT export and backend: every part that runs without TensorRT or a GPU.
 
-Profiles, engine names, the manifest section, the missing/stale/foreign checks, the build-failure
-and --check reports, the fp32-island check of fp16 graphs and the CLI's refusals. The parts that
-need TensorRT and a GPU are in test_tensorrt_gpu.py.
+Profiles, engine names, the manifest section, the missing/stale/foreign checks, the build on
+Polygraphy's loaders (TensorRT stood in for) and its one-line failures, --check's comparison
+through Polygraphy's Comparator (stand-in runners; ONNX Runtime against the torch networks), the
+stream the backend enqueues on, the fp32-island check of fp16 graphs and the CLI's refusals. The
+parts that need TensorRT and a GPU are in test_tensorrt_gpu.py.
 """
 
 from __future__ import annotations
@@ -251,6 +253,45 @@ def test_backend_refuses_cpu_and_missing_engines(tiny_fp16, monkeypatch):
         TensorRTBackend(load_artifact(tiny_fp16), "cuda")
 
 
+class Stream:
+    """Records the stream calls the backend makes (torch.cuda.Stream's names)."""
+
+    def __init__(self, name, calls):
+        self.cuda_stream, self.name, self.calls = name, name, calls
+
+    def wait_stream(self, other):
+        self.calls.append(f"{self.name} waits for {other.name}")
+
+
+class Context:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def execute_async_v3(self, stream_handle):
+        self.calls.append(f"enqueue on {stream_handle}")
+        return True
+
+
+def test_enqueue_uses_its_own_stream_fenced_both_ways():
+    from unclip.engine.backends.tensorrt_backend import enqueue
+
+    calls = []
+    current, own = Stream("torch's current", calls), Stream("backend's", calls)
+    assert enqueue(Context(calls), current, own, capturing=False)
+    # inputs are written on torch's stream before TensorRT reads them; outputs read there after it wrote
+    assert calls == ["backend's waits for torch's current", "enqueue on backend's",
+                     "torch's current waits for backend's"]
+
+
+def test_enqueue_inside_capture_uses_the_capturing_stream():
+    """Only work on the capturing stream (or streams joined to it) becomes part of the graph."""
+    from unclip.engine.backends.tensorrt_backend import enqueue
+
+    calls = []
+    assert enqueue(Context(calls), Stream("capturing", calls), Stream("backend's", calls), capturing=True)
+    assert calls == ["enqueue on capturing"]
+
+
 # -- build failures and the fp32 islands --------------------------------------------------------
 
 def test_build_failure_message_names_network_profile_and_fix():
@@ -287,6 +328,93 @@ def test_fp16_fragile_nodes_are_found(tmp_path):
         check_fp32_islands(tmp_path / "net.onnx", "prior")
 
 
+class StandInPolygraphy:
+    """Polygraphy's TensorRT loaders with TensorRT itself stood in for: records what we hand them
+    and plays back a build (or the errors TensorRT logs through Polygraphy)."""
+
+    def __init__(self, monkeypatch, fail: list[str] | None = None, critical: str = ""):
+        import types
+
+        import polygraphy.backend.trt as loaders
+
+        self.seen, self.fail, self.critical = {}, fail, critical
+        monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(
+            MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE")))
+        monkeypatch.setattr(loaders, "CreateConfig", self.create_config)
+        monkeypatch.setattr(loaders, "NetworkFromOnnxPath", self.network_from_onnx_path)
+        monkeypatch.setattr(loaders, "engine_bytes_from_network", self.engine_bytes_from_network)
+
+    def create_config(self, **kwargs):
+        cache = kwargs["load_timing_cache"]
+        self.seen.update(config=kwargs, old_cache=cache.read() if cache else None)
+        return "config"
+
+    def network_from_onnx_path(self, path, strongly_typed):
+        self.seen["parse"] = (path, strongly_typed)
+        return "network loader"
+
+    def engine_bytes_from_network(self, network, config, save_timing_cache):
+        from polygraphy.logger import G_LOGGER
+
+        assert (network, config) == ("network loader", "config")
+        if self.fail is not None:
+            for message in self.fail:
+                G_LOGGER.error(message)  # what TensorRT's logger does through Polygraphy's
+            G_LOGGER.critical(self.critical)  # logs, then raises PolygraphyException
+        save_timing_cache.write(b"new timings")
+        return b"engine bytes"
+
+
+def test_build_engine_on_polygraphy(tiny_fp16, tmp_path, monkeypatch):
+    from unclip.export.manifest import read_manifest
+    from unclip.export.tensorrt_build import BuildOptions, build_engine
+
+    entry = read_manifest(tiny_fp16)["networks"]["decoder"]
+    polygraphy = StandInPolygraphy(monkeypatch)
+    timing = tmp_path / "timing.cache"
+    timing.write_bytes(b"old timings")
+    data = build_engine(tiny_fp16 / entry["file"], "decoder", entry["inputs"], Profile(1, 2, 4),
+                        BuildOptions(workspace_gb=2.0, opt_level=5, timing_cache=timing))
+    assert data == b"engine bytes"
+    assert polygraphy.seen["parse"] == (str(tiny_fp16 / "decoder.onnx"), True)  # strongly typed
+    config = polygraphy.seen["config"]
+    assert config["builder_optimization_level"] == 5
+    assert config["memory_pool_limits"] == {"WORKSPACE": 2 << 30}
+    (shapes,) = config["profiles"]
+    for tensor in entry["inputs"]:
+        got = shapes[tensor["name"]]
+        assert (got.min, got.opt, got.max) == Profile(1, 2, 4).shapes(tensor["shape"])
+    assert polygraphy.seen["old_cache"] == b"old timings" and timing.read_bytes() == b"new timings"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["timing.cache"]  # no lock or temporary files
+
+
+@pytest.mark.parametrize("logged,critical,fragments", [
+    (["Requested amount of GPU memory (8589934592 bytes) could not be allocated. There may not be enough "
+      "free memory for allocation to succeed.", "[virtualMemoryBuffer.cpp::resizePhysical] out of memory"],
+     "Invalid Engine. Please ensure the engine was built correctly",
+     ["TensorRT failed to build decoder (batch rows min/opt/max 1-2-4): Requested amount of GPU memory",
+      "out of GPU memory", "raise --workspace (now 2 GB)"]),
+    (["In node 12 (parseGraph): INVALID_NODE: Invalid Node - /Resize"], "Could not parse ONNX correctly",
+     ["TensorRT's ONNX parser rejected decoder.onnx (In node 12 (parseGraph): INVALID_NODE",
+      "tensorrt_unsupported_ops"]),
+])
+def test_build_failures_are_one_line_with_tensorrts_words(tiny_fp16, tmp_path, monkeypatch, logged, critical,
+                                                          fragments):
+    from unclip.export.manifest import read_manifest
+    from unclip.export.tensorrt_build import BuildOptions, build_engine
+
+    entry = read_manifest(tiny_fp16)["networks"]["decoder"]
+    StandInPolygraphy(monkeypatch, fail=logged, critical=critical)
+    timing = tmp_path / "timing.cache"
+    timing.write_bytes(b"old timings")
+    with pytest.raises(UnclipError) as info:
+        build_engine(tiny_fp16 / entry["file"], "decoder", entry["inputs"], Profile(1, 2, 4),
+                     BuildOptions(workspace_gb=2.0, timing_cache=timing))
+    message = str(info.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+    assert timing.read_bytes() == b"old timings"  # nothing half-written
+
+
 def test_fp16_export_keeps_fragile_nodes_in_fp32(tiny_fp16):
     from unclip.export.manifest import read_manifest
 
@@ -301,6 +429,37 @@ def test_fp16_export_keeps_fragile_nodes_in_fp32(tiny_fp16):
 
 # -- --check ------------------------------------------------------------------------------------
 
+def function_runner(spec, run, name):
+    """A Polygraphy runner over a function of torch tensors: the torch networks, or a stand-in engine."""
+    import time
+    from collections import OrderedDict
+
+    import numpy as np
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class FunctionRunner(BaseRunner):
+        def activate_impl(self):
+            pass
+
+        def deactivate_impl(self):
+            pass
+
+        def get_input_metadata_impl(self):
+            meta = TensorMetadata()
+            for t in spec.inputs:
+                meta.add(t.name, np.dtype(t.dtype), [-1 if isinstance(a, str) else a for a in t.shape])
+            return meta
+
+        def infer_impl(self, feed_dict):
+            start = time.perf_counter()
+            out = run({k: torch.from_numpy(np.asarray(v)) for k, v in feed_dict.items()})
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict((k, v.detach().numpy()) for k, v in out.items())
+
+    return FunctionRunner(name=name)
+
+
 def test_check_compares_min_opt_max_and_catches_nan():
     from unclip.export.tensorrt_check import check_network, format_report
     from unclip.specs import ModelDims, network_specs
@@ -310,11 +469,11 @@ def test_check_compares_min_opt_max_and_catches_nan():
     spec = network_specs(dims)["super_res_first"]
     seen = []
 
-    def reference(network, inputs):
+    def reference(inputs):
         seen.append(("ref", inputs["sample"].shape[0], inputs["sample"].sum().item()))
         return {"model_output": inputs["sample"] * 2}
 
-    def engine(network, inputs):  # right at opt, NaN at max, slightly off at min
+    def engine(inputs):  # right at opt, NaN at max, slightly off at min
         rows = inputs["sample"].shape[0]
         seen.append(("trt", rows, inputs["sample"].sum().item()))
         out = inputs["sample"] * 2
@@ -324,13 +483,38 @@ def test_check_compares_min_opt_max_and_catches_nan():
             out = out + 1.0
         return {"model_output": out}
 
-    rows = check_network(spec, dims, {"min": 1, "opt": 4, "max": 8}, "fp16", reference, engine)
+    runners = function_runner(spec, reference, "reference"), function_runner(spec, engine, "engine")
+    rows = check_network(spec, dims, {"min": 1, "opt": 4, "max": 8}, "fp16", *runners)
     assert [(r.shape, r.rows, r.ok) for r in rows] == [("min", 1, False), ("opt", 4, True), ("max", 8, False)]
     assert rows[2].nonfinite == 1 and rows[1].max_abs == 0.0
     assert rows[0].max_abs == pytest.approx(1.0)
-    assert seen[0::2] == [("ref", *s[1:]) for s in seen[1::2]]  # identical inputs to both, per shape
+    refs, engines = [s for s in seen if s[0] == "ref"], [s for s in seen if s[0] == "trt"]
+    assert [s[1:] for s in refs] == [s[1:] for s in engines]  # identical inputs to both, per shape
+    assert [s[1] for s in refs] == [1, 4, 8]
     report = format_report(rows, "fp16")
     assert "FAIL: NaN/inf" in report[3] and "FAIL: error too large" in report[1] and report[2].endswith("ok")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_check_onnxruntime_side_against_the_torch_networks(tmp_path_factory, tiny_pipeline, precision):
+    """--check's comparison, its ONNX Runtime side (Polygraphy's OnnxrtRunner over the exported
+    files) against the torch networks that were exported, at every network's profile shapes: what
+    --check runs, with the torch networks in the engine's place. Same tolerance as export validation."""
+    from unclip.engine.artifact import load_artifact
+    from unclip.export.tensorrt_check import check_network, onnxruntime_runner
+
+    artifact = load_artifact(exported(tmp_path_factory, "tiny", precision))
+    backend = tiny_pipeline.backend  # the preset's torch networks, float32
+    rows = []
+    for name, spec in backend.specs.items():
+        ort = onnxruntime_runner(artifact.folder, artifact.manifest["networks"][name])
+        torch_net = function_runner(spec, lambda inputs, n=name: backend.run(n, **inputs), f"torch-{name}")
+        profile = profile_for(name, [1, 2]).to_dict()
+        rows += check_network(spec, artifact.dims, profile, precision, torch_net, ort)
+    outputs = sum(len(spec.outputs) for spec in backend.specs.values())
+    assert len(rows) == 3 * outputs and {r.shape for r in rows} == {"min", "opt", "max"}
+    assert all(r.ok and r.nonfinite == 0 for r in rows), [r for r in rows if not r.ok]
+    assert max(r.max_abs for r in rows) > 0  # two implementations, not one compared with itself
 
 
 # -- CLI ----------------------------------------------------------------------------------------

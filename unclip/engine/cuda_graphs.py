@@ -16,16 +16,23 @@ that live at fixed addresses, allocated once per (stage, batch size, steps):
 
 `StageRunner(capture=False)` runs the same step function eagerly: the fused kernels without
 graphs, and on CPU the oracle that the tests compare with the pipeline's plain loop.
+
+All graphs share one memory pool and are replayed in any order. That is safe only because no
+tensor allocated during a capture outlives it: a graph's results live in its stage's static
+buffers, and the pool holds nothing but each replay's temporaries. `_check_pool` enforces this
+after every capture (torch's allocator snapshot: no block of the pool may still be allocated).
 """
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 
 import torch
 
 from unclip.engine.scheduler import SchedulerConfig, StepTable
-from unclip.kernels.guidance_step import GuidanceStep, guidance_step_reference, guidance_step_triton
+from unclip.kernels import guidance_step as step_kernels
+from unclip.kernels.guidance_step import GuidanceStep, guidance_step_reference
 
 
 @dataclass
@@ -54,6 +61,7 @@ class StageRunner:
         self.dtype = getattr(backend, "dtype", torch.float32)
         self.buffers: dict[tuple, StageBuffers] = {}  # keyed by (stage, batch, steps, guided)
         self._pool = None  # one memory pool for all graphs: they are never replayed concurrently
+        self._stream = None  # where every warm-up and capture runs
 
     def denoise(self, stage: str, x: torch.Tensor, noise: list[torch.Tensor | None],
                 config: SchedulerConfig, table: StepTable, networks: list[str],
@@ -71,7 +79,7 @@ class StageRunner:
             self._steps(buffers, spec, networks)
         else:
             if buffers.graph is None:
-                self._capture(buffers, spec, networks)
+                self._capture(stage, buffers, spec, networks)
                 self._load(buffers, x, noise, conditioning, guidance)  # capture ran the loop once
             buffers.graph.replay()
             buffers.replays += 1
@@ -115,28 +123,48 @@ class StageRunner:
             timestep = b.table.timesteps.index_select(0, b.step).expand(x_in.shape[0])
             out = run(network, sample=x_in, timestep=timestep, **b.conditioning)
             model_output = next(iter(out.values()))  # prior, decoder and super-res have one output
-            if self.kernels and b.x.is_cuda:
-                guidance_step_triton(spec, b.table, b.step, model_output.contiguous(), b.x, b.noise,
-                                     b.guidance, out=b.x)
+            if self.kernels and step_kernels.runs_on(b.x):
+                step_kernels.guidance_step_triton(spec, b.table, b.step, model_output.contiguous(), b.x,
+                                                  b.noise, b.guidance, out=b.x)
             else:
                 b.x.copy_(guidance_step_reference(spec, b.table, b.step, model_output, b.x, b.noise,
                                                   b.guidance))
             b.step.add_(1)
 
-    def _capture(self, b: StageBuffers, spec: GuidanceStep, networks: list[str]) -> None:
-        # Warm-up on a side stream first, as torch's CUDA-graph notes ask: it creates cuBLAS and
-        # cuDNN workspaces, compiles the Triton kernels and settles the caching allocator.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._steps(b, spec, networks)
-        torch.cuda.current_stream().wait_stream(side)
-        b.step.zero_()
+    def _capture(self, stage: str, b: StageBuffers, spec: GuidanceStep, networks: list[str]) -> None:
+        # Warm-up on a side stream first, as torch's CUDA-graph notes ask: it compiles the Triton
+        # kernels and settles the caching allocator. The same stream then captures: cuBLAS keeps one
+        # workspace per stream, made at its first use there, which must be now, not in the graph pool.
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        b.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(b.graph, pool=self._pool):
+            self._pool, self._stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
             self._steps(b, spec, networks)
+        torch.cuda.current_stream().wait_stream(self._stream)
+        b.step.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+            self._steps(b, spec, networks)
+        self._check_pool(stage)
+        b.graph = graph
+
+    def _check_pool(self, stage: str) -> None:
+        gc.collect()  # a tensor kept only by a reference cycle is unreachable: not a leak
+        left = pool_allocations(torch.cuda.memory_snapshot(), self._pool)
+        if left:
+            mib = sum(left) / 2**20
+            raise RuntimeError(
+                f"CUDA-graph capture of the {stage} stage left {len(left)} tensor(s) ({mib:.1f} MiB) "
+                f"allocated in the graphs' shared memory pool: a tensor allocated during capture must not "
+                f"outlive it (graphs replay in any order and would overwrite it); keep results in the "
+                f"stage's static buffers")
+
+
+def pool_allocations(segments: list[dict], pool: tuple[int, int]) -> list[int]:
+    """Sizes of the blocks of memory pool `pool` that a live tensor still holds, read from
+    torch.cuda.memory_snapshot()'s segments (each names its pool; each block its state)."""
+    return [block["size"] for segment in segments if tuple(segment["segment_pool_id"]) == tuple(pool)
+            for block in segment["blocks"] if block["state"] == "active_allocated"]
 
 
 def _copy_table(table: StepTable) -> StepTable:

@@ -74,19 +74,12 @@ def onnx(model: str, out: Path, precision: str, opset: int, batch_sizes: str, se
 def tensorrt(artifacts: Path, precision: str, batch_sizes: str, workspace: float, timing_cache: Path | None,
              opt_level: int, rebuild: bool, check: bool) -> None:
     """Build FP16 TensorRT engines for the ONNX networks in DIR (needs TensorRT and an NVIDIA GPU)."""
-    from unclip.export import manifest as layout
-    from unclip.export.tensorrt_build import (
-        BuildOptions,
-        check_artifact_precision,
-        check_build_args,
-        export_tensorrt,
-    )
+    from unclip.export.tensorrt_build import BuildOptions, check_build_args, export_tensorrt
 
     sizes = parse_batch_sizes(batch_sizes)
-    check_build_args(sizes, workspace, opt_level)
+    check_build_args(workspace, opt_level)
     if timing_cache is not None and timing_cache.is_dir():
         raise UnclipError(f"--timing-cache {timing_cache} is a folder; give a file path")
-    check_artifact_precision(layout.read_manifest(artifacts), artifacts, precision)
     manifest, built, current = export_tensorrt(artifacts, precision, sizes,
                                                BuildOptions(workspace, opt_level, timing_cache), rebuild)
     for name, entry in manifest["tensorrt"]["engines"].items():

@@ -1,19 +1,23 @@
 """`unclip export tensorrt`: one TensorRT engine per exported ONNX network.
 
-Per network: optimisation profile from the batch sizes -> parse the ONNX file -> check that the
-fp16 graph kept its fragile nodes in fp32 -> build a strongly typed engine (the ONNX types decide
-each layer's precision: fp16 matmuls/convs, fp32 norms, softmax, exp and timestep embedding) with a
-persistent timing cache. Strong typing is the only way to get mixed precision that exists in both
-TensorRT 10 and 11 (11 removed BuilderFlag.FP16 and OBEY_PRECISION_CONSTRAINTS), so the precision
-is chosen when the ONNX files are exported (`unclip export onnx --precision fp16`).
+Per network: check that the fp16 graph kept its fragile nodes in fp32 -> optimisation profile
+from the batch sizes -> build a strongly typed engine (the ONNX types decide each layer's
+precision: fp16 matmuls/convs, fp32 norms, softmax, exp and timestep embedding) with a persistent
+timing cache. Strong typing is the only way to get mixed precision that exists in both TensorRT
+10 and 11 (11 removed BuilderFlag.FP16 and OBEY_PRECISION_CONSTRAINTS), so the precision is
+chosen when the ONNX files are exported (`unclip export onnx --precision fp16`).
 
-Everything above the `build_engine` call is plain Python and tested without TensorRT.
+The build itself is Polygraphy's (`network_from_onnx_path`, `CreateConfig`, `engine_bytes_from_network`):
+it tracks TensorRT's API changes for us. Ours are the profiles, the engine cache and manifest,
+the fp32-island check and the one-line errors; all of it is tested without TensorRT.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +32,6 @@ log = logging.getLogger("unclip")
 BATCH_AXIS = "batch"  # the one dynamic axis of the spec table (unclip.specs)
 DEFAULT_WORKSPACE_GB = 4.0
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default; 0..5, higher = longer build, maybe faster engine
-INSTALL_HINT = ("install TensorRT 10 or newer with its builder (pip install tensorrt, on a machine with an "
-                "NVIDIA GPU and driver); see docs/tensorrt.md")
 
 # How many rows each network sees for a call that makes B images (read off Pipeline.generate):
 # encode_text runs the prompts plus one "" row when guided; prior, text_proj and decoder run the
@@ -77,13 +79,7 @@ def profile_for(network: str, batch_sizes: list[int]) -> Profile:
     return Profile(min=low, opt=guided(sizes[len(sizes) // 2]), max=guided(sizes[-1]))
 
 
-def profiles(networks: list[str], batch_sizes: list[int]) -> dict[str, Profile]:
-    return {name: profile_for(name, batch_sizes) for name in networks}
-
-
-def check_build_args(batch_sizes: list[int], workspace_gb: float, opt_level: int) -> None:
-    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise UnclipError(f"--batch-sizes {batch_sizes} must be positive integers, e.g. 1,4,8")
+def check_build_args(workspace_gb: float, opt_level: int) -> None:
     if not (workspace_gb > 0 and workspace_gb == workspace_gb and workspace_gb < 1024):
         raise UnclipError(f"--workspace {workspace_gb} GB must be above 0 and below 1024 GB, e.g. 4")
     if not 0 <= opt_level <= 5:
@@ -140,25 +136,10 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise UnclipError(f"TensorRT is not installed (import tensorrt failed); {INSTALL_HINT}") from None
+        raise UnclipError("TensorRT is not installed (import tensorrt failed); install TensorRT 10.1 or "
+                          "newer with its builder, and Polygraphy (pip install tensorrt polygraphy, on a "
+                          "machine with an NVIDIA GPU and driver); see docs/tensorrt.md") from None
     return tensorrt
-
-
-def _logger(trt, errors: list[str]):
-    """A TensorRT logger that keeps error messages for the failure line and forwards the rest."""
-
-    class Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-
-        def log(self, severity, msg):
-            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                errors.append(msg)
-                log.error("TensorRT: %s", msg)
-            elif severity == trt.ILogger.Severity.WARNING:
-                log.warning("TensorRT: %s", msg)
-
-    return Logger()
 
 
 def build_engine(onnx_path: Path, network: str, inputs: list[dict], profile: Profile,
@@ -166,33 +147,39 @@ def build_engine(onnx_path: Path, network: str, inputs: list[dict], profile: Pro
     """A serialized engine for one network; `inputs` are the manifest's input entries (name, shape)."""
     trt = import_tensorrt()
     check_fp32_islands(onnx_path, network)
-    errors: list[str] = []
-    logger = _logger(trt, errors)
-    builder = trt.Builder(logger)
-    # STRONGLY_TYPED: required for mixed precision on 10.x, accepted (always on) on 11.x
-    definition = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(definition, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # reads <network>.onnx.data next to it itself
-        said = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
-        raise UnclipError(f"TensorRT's ONNX parser rejected {onnx_path.name} ({said}); check "
-                          f"`tensorrt_unsupported_ops` in the manifest and {INSTALL_HINT.split('; ')[1]}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
-    config.builder_optimization_level = options.opt_level
-    trt_profile = builder.create_optimization_profile()
+    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile, engine_bytes_from_network
+    from polygraphy.exception import PolygraphyException
+
+    from unclip.export.tensorrt_check import polygraphy_log
+
+    shapes = Profile()
     for tensor in inputs:
         low, opt, high = profile.shapes(tensor["shape"])
-        trt_profile.set_shape(tensor["name"], low, opt, high)
-    config.add_optimization_profile(trt_profile)
-    cache_path = options.timing_cache
-    if cache_path is not None:
-        cached = cache_path.read_bytes() if cache_path.is_file() else b""
-        config.set_timing_cache(config.create_timing_cache(cached), False)  # False: refuse a foreign cache
-    serialized = builder.build_serialized_network(definition, config)
-    if serialized is None:
-        raise UnclipError(build_failure_message(network, profile, errors, options.workspace_gb))
-    if cache_path is not None:  # tactic timings found here speed up every later build on this GPU
-        write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+        shapes.add(tensor["name"], min=low, opt=opt, max=high)
+    cache = options.timing_cache
+    with ExitStack() as files, polygraphy_log() as errors:
+        # file objects, not paths: given a path, Polygraphy leaves a .lock file and writes in place
+        old = files.enter_context(open(cache, "rb")) if cache and cache.is_file() else None
+        new = files.enter_context(tempfile.TemporaryFile()) if cache else None
+        # TF32 stays off (Polygraphy's default, not TensorRT's): fp32 layers compute in fp32
+        workspace = {trt.MemoryPoolType.WORKSPACE: int(options.workspace_gb * 2**30)}
+        config = CreateConfig(profiles=[shapes], load_timing_cache=old, memory_pool_limits=workspace,
+                              builder_optimization_level=options.opt_level)
+        # STRONGLY_TYPED: required for mixed precision on 10.x, accepted (always on) on 11.x; the
+        # parser reads <network>.onnx.data next to the file itself
+        parse = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+        try:
+            serialized = engine_bytes_from_network(parse, config=config, save_timing_cache=new)
+        except PolygraphyException as exc:
+            said = errors[:-1]  # the last is Polygraphy's own summary, the exception's text
+            failure = build_failure_message(network, profile, said, options.workspace_gb)
+            if "parse ONNX" in str(exc):
+                failure = (f"TensorRT's ONNX parser rejected {onnx_path.name} ({'; '.join(said) or exc}); "
+                           f"check `tensorrt_unsupported_ops` in the manifest and docs/tensorrt.md")
+            raise UnclipError(failure) from None
+        if new:  # tactic timings found here speed up every later build on this GPU
+            new.seek(0)
+            write_atomic(cache, new.read())
     return bytes(serialized)
 
 
@@ -222,7 +209,7 @@ def export_tensorrt(folder: Path, precision: str, batch_sizes: list[int], option
         new = cache.engine_entry(network, precision, profile.to_dict(), entry["sha256"], target,
                                  hashlib.sha256(data).hexdigest(),
                                  {"workspace_gb": options.workspace_gb, "opt_level": options.opt_level,
-                                  "strongly_typed": True})
+                                  "strongly_typed": True, "tf32": False})
         write_atomic(folder / new["file"], data)
         entries[network] = new
         old = cache.engine_entries(manifest).get(network)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from unclip.errors import UnclipError
 from unclip.export import manifest as layout
+from unclip.folders import write_file_atomic
 
 ENGINES = "engines"
 SECTION = "tensorrt"
@@ -87,17 +87,9 @@ def record_engines(folder: Path, entries: dict[str, dict]) -> dict:
     """Merge `entries` (network -> entry) into DIR/manifest.json, written atomically; returns it."""
     folder = Path(folder)
     manifest = layout.read_manifest(folder)
-    section = manifest.setdefault(SECTION, {"engines": {}})
-    section.setdefault("engines", {}).update(entries)
-    fd, tmp = tempfile.mkstemp(prefix=f".{layout.MANIFEST}.", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, folder / layout.MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    manifest.setdefault(SECTION, {}).setdefault("engines", {}).update(entries)
+    write_file_atomic(folder / layout.MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    os.chmod(folder / layout.MANIFEST, 0o644)  # as the export wrote it (a temporary file is 0600)
     return manifest
 
 

@@ -2,27 +2,32 @@
 
 TensorRT tunes kernels for the profile's opt shape; shapes away from it take other tactics, and
 NaN or black images at those shapes are the failure TensorRT diffusion users report most. So every
-network is run at all three profile shapes on the same random inputs by the engine and by ONNX
-Runtime (CPU: the reference that export validation already compared with PyTorch), and each output
-is compared: non-finite values fail outright, otherwise max abs error against the export's rule
-max_abs <= tolerance * max(1, max |onnxruntime|).
+network runs at all three profile shapes on the same random inputs, through Polygraphy: its
+`Comparator.run` feeds identical inputs to a `TrtRunner` (the engine) and an `OnnxrtRunner` (CPU
+ONNX Runtime over the artifact's ONNX file, the reference that export validation already compared
+with PyTorch), and `Comparator.compare_accuracy` applies our rule to each output: non-finite values
+fail outright, otherwise max abs error <= tolerance * max(1, max |reference|) (the export's rule).
+CI runs the same comparison with the torch networks in the engine's place (tests/test_tensorrt.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from unclip.export.validation import TOLERANCE
 from unclip.specs import ModelDims, NetworkSpec, example_inputs
 
 CHECK_SEED = 4321  # fresh inputs: neither the tracing nor the validation draw
-
+SHAPES = ("min", "opt", "max")
 # TensorRT's fp16 kernels and ORT's fp16 kernels sum in different orders; their difference is the
 # same size as ORT-vs-PyTorch in export validation, so the export's tolerance applies unchanged.
-Runner = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -33,38 +38,63 @@ class CheckRow:
     output: str
     max_abs: float
     scale: float  # max |reference|
-    nonfinite: int  # NaN/inf count in the engine's output
+    nonfinite: int  # NaN/inf count in the checked runner's output
     ok: bool
 
 
-def compare_outputs(network: str, shape: str, rows: int, reference: dict[str, torch.Tensor],
-                    actual: dict[str, torch.Tensor], tolerance: float) -> list[CheckRow]:
-    out = []
-    for name, ref in reference.items():
-        ref = ref.detach().float().cpu()
-        got = actual[name].detach().float().cpu()
-        nonfinite = int((~torch.isfinite(got)).sum())
-        scale = float(ref.abs().max()) if ref.numel() else 0.0
-        if nonfinite or got.shape != ref.shape:
-            max_abs = float("inf")
-        else:
-            max_abs = float((got - ref).abs().max()) if ref.numel() else 0.0
-        ok = nonfinite == 0 and max_abs <= tolerance * max(1.0, scale)
-        out.append(CheckRow(network, shape, rows, name, max_abs, scale, nonfinite, ok))
-    return out
+@contextmanager
+def polygraphy_log():
+    """Polygraphy's log (TensorRT's included) through Python logging while inside, so that its
+    progress stays quiet and its errors are kept (the yielded list) for our one-line errors."""
+    from polygraphy.logger import G_LOGGER
+
+    errors: list[str] = []
+    keep = logging.Handler(logging.ERROR)
+    keep.emit = lambda record: errors.append(record.getMessage()[4:])  # less the "[E] " severity tag
+    was = G_LOGGER.use_python_logging_system, G_LOGGER.colors
+    G_LOGGER.use_python_logging_system, G_LOGGER.colors = True, False
+    logging.getLogger("Polygraphy").addHandler(keep)
+    try:
+        yield errors
+    finally:
+        logging.getLogger("Polygraphy").removeHandler(keep)
+        G_LOGGER.use_python_logging_system, G_LOGGER.colors = was
 
 
-def check_network(spec: NetworkSpec, dims: ModelDims, profile: dict, precision: str,
-                  reference: Runner, engine: Runner) -> list[CheckRow]:
-    """Both runners get identical inputs at each of the profile's min/opt/max rows."""
-    rows_out = []
-    for shape in ("min", "opt", "max"):
-        rows = profile[shape]
+class OutputRule:
+    """A Polygraphy compare_func (called once per iteration: min, opt, max rows) applying our rule
+    to every output and keeping a CheckRow for each."""
+
+    def __init__(self, network: str, profile: dict, tolerance: float):
+        self.network, self.profile, self.tolerance, self.rows = network, profile, tolerance, []
+
+    def __call__(self, reference, actual) -> dict[str, bool]:
+        shape = SHAPES[len({r.shape for r in self.rows})]
+        for name, ref in reference.items():
+            ref, got = np.asarray(ref, dtype=np.float64), np.asarray(actual[name], dtype=np.float64)
+            nonfinite, scale = int((~np.isfinite(got)).sum()), float(np.abs(ref).max(initial=0.0))
+            bad = nonfinite or got.shape != ref.shape
+            max_abs = float("inf") if bad else float(np.abs(got - ref).max(initial=0.0))
+            ok = not bad and max_abs <= self.tolerance * max(1.0, scale)
+            self.rows.append(CheckRow(self.network, shape, self.profile[shape], name, max_abs, scale,
+                                      nonfinite, ok))
+        return {r.output: r.ok for r in self.rows if r.shape == shape}
+
+
+def check_network(spec: NetworkSpec, dims: ModelDims, profile: dict, precision: str, reference, checked
+                  ) -> list[CheckRow]:
+    """Two Polygraphy runners on identical inputs at each of the profile's min/opt/max rows."""
+    from polygraphy.comparator import Comparator
+
+    feeds = []
+    for rows in (profile[shape] for shape in SHAPES):
         inputs = example_inputs(spec, dims, rows, torch.Generator().manual_seed(CHECK_SEED + rows))
-        expected = reference(spec.name, inputs)
-        actual = engine(spec.name, inputs)
-        rows_out += compare_outputs(spec.name, shape, rows, expected, actual, TOLERANCE[precision])
-    return rows_out
+        feeds.append(OrderedDict((name, tensor.numpy()) for name, tensor in inputs.items()))
+    rule = OutputRule(spec.name, profile, TOLERANCE[precision])
+    with polygraphy_log():
+        results = Comparator.run([reference, checked], data_loader=feeds)
+        Comparator.compare_accuracy(results, compare_func=rule)
+    return rule.rows
 
 
 def format_report(rows: list[CheckRow], precision: str) -> list[str]:
@@ -73,45 +103,33 @@ def format_report(rows: list[CheckRow], precision: str) -> list[str]:
     for r in rows:
         verdict = "ok" if r.ok else ("FAIL: NaN/inf" if r.nonfinite else "FAIL: error too large")
         lines.append(f"  {r.network:<16} {r.shape:<3} rows {r.rows:<4} {r.output:<22} "
-                     f"max abs {r.max_abs:.2e} "
-                     f"(scale {r.scale:.2e}, non-finite {r.nonfinite})  {verdict}")
+                     f"max abs {r.max_abs:.2e} (scale {r.scale:.2e}, non-finite {r.nonfinite})  {verdict}")
     return lines
 
 
-def onnxruntime_runner(folder, manifest: dict) -> Runner:
-    """CPU ONNX Runtime sessions over the artifact's ONNX files, created on first use."""
-    import onnxruntime as ort
+def onnxruntime_runner(folder: Path, entry: dict):
+    """CPU ONNX Runtime over one network's ONNX file (its external weights next to it)."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-    sessions = {}
-
-    def run(network: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        entry = manifest["networks"][network]
-        if network not in sessions:
-            sessions[network] = ort.InferenceSession(str(folder / entry["file"]),
-                                                     providers=["CPUExecutionProvider"])
-        names = [t["name"] for t in entry["outputs"]]
-        outs = sessions[network].run(names, {k: v.numpy() for k, v in inputs.items()})
-        return {n: torch.from_numpy(o) for n, o in zip(names, outs, strict=True)}
-
-    return run
+    return OnnxrtRunner(SessionFromOnnx(str(Path(folder) / entry["file"]), providers=["cpu"]))
 
 
-def check_engines(folder, device: str = "cuda") -> tuple[list[CheckRow], str]:
+def check_engines(folder) -> tuple[list[CheckRow], str]:
     """Every engine of DIR against ONNX Runtime; (rows, precision). Needs TensorRT and a GPU."""
+    from polygraphy.backend.trt import EngineFromPath, TrtRunner
+
     from unclip.engine.artifact import load_artifact
-    from unclip.engine.backends.tensorrt_backend import TensorRTBackend
+    from unclip.export import tensorrt_cache as cache
+    from unclip.specs import network_specs
 
     artifact = load_artifact(folder)
-    backend = TensorRTBackend(artifact, device)
-    precision = artifact.manifest["precision"]
-
-    def engine(network: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = backend.run(network, **{k: v.to(backend.device) for k, v in inputs.items()})
-        torch.cuda.current_stream(backend.device).synchronize()
-        return out
-
-    reference = onnxruntime_runner(artifact.folder, artifact.manifest)
+    manifest, specs = artifact.manifest, network_specs(artifact.dims)
+    precision = manifest["precision"]
+    paths = cache.require_engines(artifact.folder, manifest, list(specs), precision, cache.current_target())
     rows = []
-    for name, spec in backend.specs.items():
-        rows += check_network(spec, artifact.dims, backend.profiles[name], precision, reference, engine)
+    for name, spec in specs.items():
+        reference = onnxruntime_runner(artifact.folder, manifest["networks"][name])
+        engine = TrtRunner(EngineFromPath(str(paths[name])))
+        rows += check_network(spec, artifact.dims, cache.engine_entries(manifest)[name]["profile"], precision,
+                              reference, engine)
     return rows, precision

@@ -9,7 +9,8 @@ SiLU to anything else (the resnet's shared activation also serves the time embed
 The network code itself is untouched.
 
 `group_norm_silu_reference` is the unfused torch pair (the CPU path: bit-identical to the
-original modules); `group_norm_silu_triton` is the CUDA version (two kernels), statistics in float32.
+original modules); `group_norm_silu_triton` is the CUDA version (two kernels), statistics in float32
+(it also runs on CPU under Triton's interpreter: see unclip/kernels/__init__.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from unclip.kernels import interpreted, kernel_device
 
 try:
     import triton
@@ -78,10 +81,21 @@ if triton is not None:
             tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+INTERPRETED = triton is not None and interpreted(_group_norm_silu_kernel)
+
+
+def runs_on(x: torch.Tensor) -> bool:
+    """Whether group_norm_silu_triton can take `x` (CUDA; CPU under Triton's interpreter)."""
+    return kernel_device(x, triton is not None, INTERPRETED)
+
+
 def group_norm_silu_triton(x: torch.Tensor, groups: int, weight: torch.Tensor | None,
                            bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """silu(group_norm(x)) for a contiguous NC... tensor on CUDA, in two kernels."""
     n, c = x.shape[:2]
+    if c % groups:  # the kernels assume whole groups: the last channels would be left unwritten
+        raise ValueError(f"group_norm_silu: {c} channels are not divisible by {groups} groups "
+                         f"(as for nn.GroupNorm, num_channels must be a multiple of num_groups)")
     hw = x.numel() // (n * c)
     y = torch.empty_like(x)
     group_size = (c // groups) * hw
@@ -109,7 +123,7 @@ class GroupNormSiLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.norm
-        if self.use_triton and x.is_cuda and x.is_contiguous():
+        if self.use_triton and runs_on(x) and x.is_contiguous():
             y = group_norm_silu_triton(x, n.num_groups, n.weight, n.bias, n.eps)
         else:
             y = group_norm_silu_reference(x, n.num_groups, n.weight, n.bias, n.eps)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from unclip.engine.scheduler import SchedulerConfig, StepTable
+from unclip.kernels import interpreted, kernel_device
 
 try:
     import triton
@@ -113,6 +114,14 @@ if triton is not None:
         else:
             prev = prev + tl.load(std_ptr + step) * z
         tl.store(out_ptr + offs, prev, mask=mask)
+
+
+INTERPRETED = triton is not None and interpreted(_guidance_step_kernel)
+
+
+def runs_on(x: torch.Tensor) -> bool:
+    """Whether guidance_step_triton can take `x` (CUDA; CPU under Triton's interpreter)."""
+    return kernel_device(x, triton is not None, INTERPRETED)
 
 
 def guidance_step_triton(spec: GuidanceStep, table: StepTable, step: torch.Tensor,

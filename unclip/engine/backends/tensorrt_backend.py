@@ -1,15 +1,11 @@
 """The TensorRT backend: engines built by `unclip export tensorrt`, run on torch CUDA tensors.
 
-Inputs and outputs are torch tensors on the GPU, handed to TensorRT by address (no host copies);
-each call sets the input shapes of this batch, binds every tensor by its spec name and enqueues
-with `execute_async_v3` on torch's current stream, so the work orders with the surrounding torch
-kernels and can be captured in a CUDA graph. TensorRT does its shape-dependent setup on the first
-enqueue after a shape change; StageRunner's warm-up pass before capture is that first enqueue.
-
-A captured graph fixes the execution context's shape state, so each (network, rows) gets its own
-context: graphs captured at two batch sizes never share one. The contexts' scratch memory is one
-torch buffer, sized for the largest engine and allocated up front (its address must not move
-under a captured graph); sharing it is safe because every enqueue is on the same stream in order.
+Each call binds torch tensors by address under their spec names (no host copies), sets this
+batch's input shapes and enqueues with `execute_async_v3` (see `enqueue` for the stream). A
+captured graph fixes an execution context's shape state, so each (network, rows) has its own
+context, all sharing one scratch buffer allocated up front (its address must not move under a
+graph): safe, as enqueues never overlap (torch's stream waits for each). TensorRT's shape-dependent
+setup happens at the first enqueue of a shape: StageRunner's warm-up pass, before capture.
 """
 
 from __future__ import annotations
@@ -21,6 +17,7 @@ import torch
 from unclip.engine.artifact import Artifact, load_artifact
 from unclip.errors import UnclipError
 from unclip.export import tensorrt_cache
+from unclip.export.tensorrt_check import polygraphy_log
 from unclip.specs import DTYPES
 
 
@@ -44,32 +41,36 @@ class TensorRTBackend:
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         trt = import_tensorrt()
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        from polygraphy.backend.trt import engine_from_path
+        from polygraphy.exception import PolygraphyException
+
         self.engines, self.contexts = {}, {}
-        with torch.cuda.device(self.device):
+        with torch.cuda.device(self.device), polygraphy_log() as errors:
             for name, path in paths.items():
-                engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
-                if engine is None:
-                    raise UnclipError(f"TensorRT could not load {path} (see its log above); "
-                                      f"{tensorrt_cache.rebuild_hint(artifact.folder)}")
-                self.engines[name] = engine
-                self._check_io(trt, name, engine, path)
+                try:
+                    self.engines[name] = engine_from_path(str(path))
+                except PolygraphyException:
+                    raise UnclipError(f"TensorRT could not load {path} ({'; '.join(errors)}); "
+                                      f"{tensorrt_cache.rebuild_hint(artifact.folder)}") from None
+                self._check_io(trt, name, self.engines[name], path)
         self._user_managed = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         scratch = max(engine.device_memory_size_v2 for engine in self.engines.values())
         self._scratch = torch.empty(max(scratch, 1), dtype=torch.uint8, device=self.device)
         recorded = tensorrt_cache.engine_entries(artifact.manifest)
         self.profiles = {name: recorded[name]["profile"] for name in self.specs}
         self._constants = {k: v.to(self.device) for k, v in artifact.constants.items()}
+        self._stream = torch.cuda.Stream(self.device)  # TensorRT's, outside capture
 
     def _check_io(self, trt, name: str, engine, path: Path) -> None:
         """The engine's tensors must be the spec's, in name and dtype: binding is by name."""
+        from polygraphy.datatype import DataType
+
         spec = self.specs[name]
         found = {}
         for i in range(engine.num_io_tensors):
             tensor = engine.get_tensor_name(i)
             found[tensor] = (engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT,
-                             _TRT_DTYPES(trt).get(engine.get_tensor_dtype(tensor)))
+                             DataType.from_dtype(engine.get_tensor_dtype(tensor)).name)
         want = {t.name: (True, t.dtype) for t in spec.inputs}
         want.update({t.name: (False, t.dtype) for t in spec.outputs})
         if found != want:
@@ -93,7 +94,7 @@ class TensorRTBackend:
                               f"{profile['min']}..{profile['max']}; rebuild with `unclip export tensorrt "
                               f"--batch-sizes ... --rebuild` covering this batch")
         context = self._context(network, rows)
-        keep = []  # casts/copies; freeing them after return is safe: torch reuses memory in stream order
+        keep = []  # casts/copies, freed on return: safe, torch's stream waits for TensorRT (enqueue)
         for t in spec.inputs:
             x = inputs[t.name]
             if x.dtype != DTYPES[t.dtype] or x.device != self.device or not x.is_contiguous():
@@ -107,8 +108,8 @@ class TensorRTBackend:
             y = torch.empty(shape, dtype=DTYPES[t.dtype], device=self.device)
             context.set_tensor_address(t.name, y.data_ptr())
             outputs[t.name] = y
-        stream = torch.cuda.current_stream(self.device)
-        if not context.execute_async_v3(stream.cuda_stream):
+        current = torch.cuda.current_stream(self.device)
+        if not enqueue(context, current, self._stream, torch.cuda.is_current_stream_capturing()):
             raise UnclipError(f"TensorRT failed to run {network} at {rows} rows (see its log above)")
         return outputs
 
@@ -116,8 +117,18 @@ class TensorRTBackend:
         return self._constants
 
 
-def _TRT_DTYPES(trt) -> dict:  # noqa: N802 - a table, built once TensorRT is imported
-    return {trt.float32: "float32", trt.float16: "float16", trt.int64: "int64", trt.bool: "bool"}
+def enqueue(context, current, own, capturing: bool) -> bool:
+    """execute_async_v3; True when TensorRT accepted it. Outside capture on the backend's `own`
+    stream, not torch's `current` one (usually the legacy default stream, on which TensorRT adds
+    synchronisation), fenced both ways: inputs are written on `current` and outputs read there, and
+    memory freed after the call is reused there only after TensorRT is done. Inside capture on the
+    capturing stream itself: only its work (or a joined stream's) becomes part of the graph."""
+    if capturing:
+        return context.execute_async_v3(current.cuda_stream)
+    own.wait_stream(current)
+    accepted = context.execute_async_v3(own.cuda_stream)
+    current.wait_stream(own)
+    return accepted
 
 
 def load_tensorrt_pipeline(folder: str | Path, device: str = "cuda", cuda_graphs: bool = False):

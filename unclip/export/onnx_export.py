@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from unclip.engine.pipeline import write_sampler_defaults
+from unclip.engine.settings import write_sampler_defaults
 from unclip.errors import UnclipError
 from unclip.export import manifest as layout
 from unclip.export.fp16 import FRAGILE_OPS

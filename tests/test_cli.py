@@ -223,8 +223,10 @@ def test_model_sampler_defaults_apply_and_explicit_options_win(tiny_folder, tmp_
 
 @pytest.mark.parametrize("text, needles", [
     ("{not json", ["sampler_defaults.json cannot be read"]),
-    ('{"decoder_guidanse": 1.0}', ["unknown settings ['decoder_guidanse']", "decoder_guidance"]),
-    ('{"decoder_steps": 1}', ["sampler_defaults.json: --decoder-steps must be an integer of at least 2"]),
+    ('{"decoder_guidanse": 1.0}', ["unknown key 'decoder_guidanse'", "allowed:", "decoder_guidance"]),
+    ('{"decoder_steps": 1}', ["sampler_defaults.json: decoder_steps must be an integer of at least 2"]),
+    ('{"decoder_guidance": 0.5}', ["sampler_defaults.json: decoder_guidance must be", "1.0 is unguided"]),
+    ('[1, 2]', ["must hold a JSON object"]),
 ])
 def test_bad_sampler_defaults(tiny_folder, tmp_path, text, needles):
     model = _copy(tiny_folder, tmp_path)

@@ -212,14 +212,15 @@ def read_sampler_defaults(folder: str | Path) -> dict:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UnclipError(f"{path} cannot be read ({exc}); fix or delete it") from None
-    fix = f"allowed: {', '.join(TUNABLE)}; fix or delete the file"
+    allowed = f"allowed: {', '.join(TUNABLE)}"
     if not isinstance(data, dict):
-        raise UnclipError(f"{path} must hold a JSON object of settings, got {type(data).__name__}; {fix}")
+        raise UnclipError(f"{path} must hold a JSON object of settings, got {type(data).__name__}; "
+                          f"{allowed}; fix or delete the file")
     try:
         _SamplerDefaults(**data)
     except ValidationError as exc:
-        raise schema_error(exc, where=f"{path}: ", fix=fix, requirements=REQUIREMENTS,
-                           unknown=f"allowed: {', '.join(TUNABLE)}") from None
+        raise schema_error(exc, where=f"{path}: ", fix="fix or delete the file", requirements=REQUIREMENTS,
+                           unknown=allowed) from None
     return data
 
 

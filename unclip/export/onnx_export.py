@@ -92,6 +92,9 @@ def export_onnx(model: str | Path, out: str | Path, precision: str = "fp32", ops
             "files": files,
         }
         layout.write_manifest(tmp, manifest)
+        from unclip.engine.artifact import load_artifact
+
+        load_artifact(tmp)  # the runtime must accept what we wrote: schema, hashes, tensors, precision
     log.info("wrote %s", out)
     return manifest
 

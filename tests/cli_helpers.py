@@ -12,9 +12,11 @@ def run_cli(*args: str):
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
-    """Exit 1, exactly one stderr line `unclip: error: ...` holding every fragment, no traceback."""
+    """Exit 1, exactly one stderr line `unclip: error: ...` holding every fragment, no traceback
+    (besides `unclip: info: loading ...` notes)."""
     assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines()
+             if line.strip() and not line.startswith("unclip: info: ")]
     assert len(lines) == 1 and lines[0].startswith("unclip: error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]

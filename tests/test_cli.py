@@ -223,10 +223,163 @@ def test_model_sampler_defaults_apply_and_explicit_options_win(tiny_folder, tmp_
 
 @pytest.mark.parametrize("text, needles", [
     ("{not json", ["sampler_defaults.json cannot be read"]),
-    ('{"decoder_guidanse": 1.0}', ["unknown settings ['decoder_guidanse']", "decoder_guidance"]),
-    ('{"decoder_steps": 1}', ["sampler_defaults.json: --decoder-steps must be an integer of at least 2"]),
+    ('{"decoder_guidanse": 1.0}', ["unknown key 'decoder_guidanse'", "allowed:", "decoder_guidance"]),
+    ('{"decoder_steps": 1}', ["sampler_defaults.json: decoder_steps must be an integer of at least 2"]),
+    ('{"decoder_guidance": 0.5}', ["sampler_defaults.json: decoder_guidance must be", "1.0 is unguided"]),
+    ('[1, 2]', ["must hold a JSON object"]),
 ])
 def test_bad_sampler_defaults(tiny_folder, tmp_path, text, needles):
     model = _copy(tiny_folder, tmp_path)
     (model / "sampler_defaults.json").write_text(text)
     _expect_model_error(model, tmp_path, *needles)
+
+
+# -- issue 11: checkpoint folders, Ctrl-C, bench --out -----------------------------------------------
+
+
+@pytest.mark.parametrize("component,entry,needles", [
+    ("decoder", ["diffusers", "UNet9000Model"],
+     ["decoder.1 must be 'UNet2DConditionModel'", "got 'UNet9000Model'"]),
+    ("prior", ["mylib", "PriorTransformer"], ["prior.0 must be 'diffusers'", "'mylib'"]),
+    ("decoder_scheduler", ["diffusers", "DDIMScheduler"], ["decoder_scheduler.1 must be 'UnCLIPScheduler'"]),
+    ("tokenizer", "CLIPTokenizer", ["tokenizer must be"]),
+    ("feature_extractor", ["transformers", "CLIPImageProcessor"], ["unknown key 'feature_extractor'"]),
+    ("_class_name", "StableDiffusionPipeline", ["_class_name must be 'UnCLIPPipeline'"]),
+])
+def test_item_5_model_index_names_the_classes_we_load(tiny_folder, tmp_path, component, entry, needles):
+    import json
+
+    model = _copy(tiny_folder, tmp_path)
+    index = json.loads((model / "model_index.json").read_text())
+    index[component] = entry
+    (model / "model_index.json").write_text(json.dumps(index))
+    _expect_model_error(model, tmp_path, "model_index.json", *needles)
+
+
+def test_model_index_accepts_diffusers_spellings(tiny_folder, tmp_path):
+    """What newer diffusers writes, and an image-conditioned checkpoint's extra components."""
+    import json
+
+    model = _copy(tiny_folder, tmp_path)
+    index = json.loads((model / "model_index.json").read_text())
+    index.update(text_proj=["diffusers", "UnCLIPTextProjModel"], image_encoder=[None, None],
+                 tokenizer=["transformers", "CLIPTokenizerFast"], _name_or_path="kakaobrain/karlo-v1-alpha")
+    (model / "model_index.json").write_text(json.dumps(index))
+    result = run_cli("generate", "a", "--model", str(model), "--out", str(tmp_path / "o"), *FAST)
+    assert result.exit_code == 0, result.output
+
+
+def test_network_config_of_another_class(tiny_folder, tmp_path):
+    import json
+
+    model = _copy(tiny_folder, tmp_path)
+    config = json.loads((model / "decoder" / "config.json").read_text())
+    config["_class_name"] = "UNet2DModel"
+    (model / "decoder" / "config.json").write_text(json.dumps(config))
+    _expect_model_error(model, tmp_path, "describes a 'UNet2DModel'", "must be a UNet2DConditionModel")
+
+
+def test_item_6_garbage_vocab_is_refused_not_ignored(tiny_folder, tmp_path):
+    model = _copy(tiny_folder, tmp_path)
+    (model / "tokenizer" / "vocab.json").write_text('{"garbage": 0}')
+    _expect_model_error(model, tmp_path, "vocab.json and tokenizer.json disagree", "delete tokenizer.json")
+    (model / "tokenizer" / "vocab.json").write_text("not json at all")
+    _expect_model_error(model, tmp_path, "vocab.json cannot be read")
+    # the export copies the tokenizer folder: it is refused there too, before anything is written
+    result = run_cli("export", "onnx", "--model", str(model), "--out", str(tmp_path / "onnx"))
+    assert_one_line_error(result, "vocab.json cannot be read")
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_tokenizer_files_that_agree_in_either_layout(tiny_folder, tmp_path):
+    """Karlo's layout (vocab.json + merges.txt only) and the tokenizer.json-only layout both load."""
+    for drop in (["tokenizer.json"], ["vocab.json", "merges.txt"]):
+        model = tmp_path / drop[0]
+        shutil.copytree(tiny_folder, model)
+        for name in drop:
+            (model / "tokenizer" / name).unlink()
+        result = run_cli("generate", "a", "--model", str(model), "--out", str(tmp_path / f"o{len(drop)}"),
+                         *FAST)
+        assert result.exit_code == 0, result.output
+    model = _copy(tiny_folder, tmp_path)
+    (model / "tokenizer" / "merges.txt").unlink()
+    _expect_model_error(model, tmp_path, "vocab.json has no merges.txt beside it")
+
+
+def test_tokenizer_without_a_context_length(tiny_folder, tmp_path):
+    """Without tokenizer_config.json transformers pads to 1e30 tokens: refused, not allocated."""
+    model = _copy(tiny_folder, tmp_path)
+    (model / "tokenizer" / "tokenizer_config.json").unlink()
+    _expect_model_error(model, tmp_path, "model_max_length", "max_position_embeddings is 77")
+
+
+def test_components_of_different_models(tiny_folder, tmp_path, monkeypatch):
+    """Each network loads with its own weights, but the prior is another model's (CLIP size 64)."""
+    from dataclasses import replace
+
+    from unclip.models.checkpoint import save_components
+    from unclip.models.components import build_preset
+    from unclip.models.presets import PRESETS
+
+    monkeypatch.setitem(PRESETS, "tiny64", replace(PRESETS["tiny"], clip_dim=64))
+    save_components(build_preset("tiny64"), tmp_path / "other")
+    model = _copy(tiny_folder, tmp_path)
+    shutil.rmtree(model / "prior")
+    shutil.copytree(tmp_path / "other" / "prior", model / "prior")
+    _expect_model_error(model, tmp_path, "projection_dim is 32, but the prior's embedding_dim is 64",
+                        "mixes components of different models")
+
+
+def _interrupt(args: list[str], ready: str, tmp_path: Path):
+    """Run `unclip ARGS` in a child, Ctrl-C it once its stderr shows `ready`; (returncode, stderr)."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "unclip.cli", *args], stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=tmp_path,
+                            # as a terminal does (a test run in the background inherits SIGINT ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen, lines = threading.Event(), []
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if ready in line:
+                seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert seen.wait(300), "".join(lines)[-2000:]
+    time.sleep(1.0)  # into the work that follows the note
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    time.sleep(0.2)
+    return proc.returncode, "".join(lines)
+
+
+@pytest.mark.slow
+def test_item_7_ctrl_c_during_generate_exits_130_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    code, stderr = _interrupt(["generate", "a red circle", "--model", "tiny", "--prior-steps", "1000",
+                               "--out", str(out)], "building preset tiny", tmp_path)
+    assert code == 130, stderr[-2000:]
+    assert "unclip: interrupted" in stderr and "Traceback" not in stderr and "Aborted" not in stderr
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_item_7_ctrl_c_during_export_exits_130_and_writes_nothing(tmp_path):
+    out = tmp_path / "artifact"
+    code, stderr = _interrupt(["export", "onnx", "--model", "tiny", "--out", str(out)], "exporting prior",
+                              tmp_path)
+    assert code == 130, stderr[-2000:]
+    assert "unclip: interrupted" in stderr and "Traceback" not in stderr
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []  # no staged sibling left
+
+
+def test_item_2_bench_out_on_a_read_only_path():
+    assert_one_line_error(run_cli("bench", "--model", "tiny", "--out", "/sys/unclip-bench", "--no-plots"),
+                          "--out /sys/unclip-bench is not writable")

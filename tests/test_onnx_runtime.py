@@ -218,3 +218,90 @@ def test_cuda_io_binding_skips_before_its_fixture_on_the_gpu_image(tmp_path):
     assert "needs onnxruntime-gpu (CUDAExecutionProvider is not available) and onnxsim" in proc.stdout
     setups = [line for line in proc.stdout.splitlines() if "SETUP" in line]
     assert not any("tiny_onnx" in line for line in setups), setups  # --setup-show lists each fixture set up
+
+
+# -- issue 11, item 3: the manifest is checked by schema before any file is opened ----------------------
+
+
+def _edit_manifest(folder, change) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _swap_decoder_for_prior(m):
+    m["networks"]["decoder"]["file"] = "prior.onnx"
+    m["networks"]["decoder"]["sha256"] = m["networks"]["prior"]["sha256"]
+
+
+def _fp16_everywhere(m):
+    m["precision"] = "fp16"
+    for entry in m["networks"].values():
+        entry["precision"] = "fp16"
+
+
+@pytest.mark.parametrize("change,needles", [
+    (lambda m: m.update(networks="oops"), ["networks must be a JSON object, got 'oops'"]),
+    (_swap_decoder_for_prior, ["networks.decoder.file is 'prior.onnx'", "its own file, 'decoder.onnx'"]),
+    (lambda m: m.pop("files"), ["files is missing"]),
+    (lambda m: m.update(precision="fp8"), ["precision must be 'fp32' or 'fp16', got 'fp8'"]),
+    (lambda m: m.update(precision="fp16"),
+     ["networks.text_encoder.precision is fp32, the artifact's is fp16"]),
+    (_fp16_everywhere, ["text_encoder.onnx holds float32 weights", "precision fp16"]),
+    (lambda m: m["networks"]["decoder"]["inputs"][0]["shape"].__setitem__(1, 4),
+     ["networks.decoder inputs[0]", "'batch', 4, 16, 16", "must be", "'batch', 3, 16, 16"]),
+    (lambda m: m["networks"]["prior"]["inputs"][4].update(dtype="float32"), ["networks.prior inputs[4]"]),
+    (lambda m: m["configs"].update(schedulers="../../../etc/passwd"),
+     ["configs.schedulers must be a relative path inside the artifact folder", "'../../../etc/passwd'"]),
+    (lambda m: m["configs"].update(schedulers="/etc/passwd"), ["configs.schedulers must be a relative path"]),
+    (lambda m: m["files"].pop("tokenizer/vocab.json"), ["tokenizer/vocab.json is read by the runtime but not "
+                                                        "listed"]),
+    (lambda m: m["networks"]["decoder"].update(sha256="0" * 64), ["networks.decoder.sha256 disagrees with"]),
+    (lambda m: m["networks"].update(upscaler=m["networks"]["decoder"]), ["networks.upscaler.file is"]),
+    (lambda m: m["networks"]["decoder"].update(extra="x"), ["unknown key 'extra'"]),
+])
+def test_item_3_manifest_refusals(tiny_onnx, tmp_path, change, needles):
+    folder = copy_of(tiny_onnx, tmp_path / "artifact")
+    _edit_manifest(folder, change)
+    assert_one_line_error(_generate(folder, tmp_path / "out"), "manifest.json" if "holds" not in needles[0]
+                          else "text_encoder.onnx", *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_network_file_from_another_network_is_caught_by_its_graph(tiny_onnx, tmp_path):
+    """Even under the right name and with a matching sha256, prior.onnx is not the decoder: the
+    tensors the ONNX file itself declares are compared with the spec table."""
+    from unclip.export.manifest import sha256_file
+
+    folder = copy_of(tiny_onnx, tmp_path / "artifact")
+    (folder / "decoder.onnx").write_bytes((folder / "prior.onnx").read_bytes())
+    digest = sha256_file(folder / "decoder.onnx")
+
+    def rehash(m):
+        m["networks"]["decoder"]["sha256"] = m["files"]["decoder.onnx"] = digest
+
+    _edit_manifest(folder, rehash)
+    assert_one_line_error(_generate(folder, tmp_path / "out"), "decoder.onnx: the graph's inputs[0]",
+                          "['batch', 32]", "another network's file")
+
+
+def test_a_link_leading_out_of_the_folder(tiny_onnx, tmp_path):
+    import shutil
+
+    folder = copy_of(tiny_onnx, tmp_path / "artifact")
+    outside = tmp_path / "elsewhere"
+    shutil.move(folder / "tokenizer", outside)
+    (folder / "tokenizer").symlink_to(outside, target_is_directory=True)
+    assert_one_line_error(_generate(folder, tmp_path / "out"), "leads outside the artifact folder")
+
+
+def test_a_runtime_file_added_after_export_must_be_listed(tiny_onnx, tmp_path):
+    folder = copy_of(tiny_onnx, tmp_path / "artifact")
+    (folder / "sampler_defaults.json").write_text('{"decoder_guidance": 3.0}')
+    assert_one_line_error(_generate(folder, tmp_path / "out"), "sampler_defaults.json is read by the runtime "
+                          "but not listed")
+
+
+def test_torch_backend_on_an_artifact_folder_says_which_backend(tiny_onnx, tmp_path):
+    result = run_cli("generate", "a", "--model", str(tiny_onnx), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "is an exported ONNX artifact folder", "--backend onnxruntime")

@@ -24,8 +24,8 @@ class Gated:
         self.gate, self.batches, self.entered = threading.Event(), [], threading.Semaphore(0)
         self.gate.set()
 
-    def settings(self, **kw):
-        return self._pipeline.settings(**kw)
+    def __getattr__(self, name):  # settings, limits, dims: the real pipeline's
+        return getattr(self._pipeline, name)
 
     def generate_requests(self, requests, **kw):
         self.batches.append([r.prompts[0] for r in requests])
@@ -111,8 +111,8 @@ class PausedAtDecoder:
     def __init__(self, pipeline):
         self._pipeline, self.paused, self.resume = pipeline, threading.Event(), threading.Event()
 
-    def settings(self, **kw):
-        return self._pipeline.settings(**kw)
+    def __getattr__(self, name):  # settings, limits, dims: the real pipeline's
+        return getattr(self._pipeline, name)
 
     def generate_requests(self, requests, on_step=None, **kw):
         def hooked(stage, step, rows):

@@ -148,10 +148,10 @@ class FailOn:
     """A real pipeline that fails the batch holding `prompt` as a non-finite stage would."""
 
     def __init__(self, pipeline, prompt: str):
-        self._pipeline, self.prompt, self.dims = pipeline, prompt, pipeline.dims
+        self._pipeline, self.prompt = pipeline, prompt
 
-    def settings(self, **kw):
-        return self._pipeline.settings(**kw)
+    def __getattr__(self, name):  # settings, limits, dims: the real pipeline's
+        return getattr(self._pipeline, name)
 
     def generate_requests(self, requests, **kw):
         if any(self.prompt in r.prompts for r in requests):

@@ -2,29 +2,49 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from unclip.errors import GenerationError, UnclipError
 
 __version__ = "0.1.0"
-__all__ = ["GenerationError", "UnclipError", "load", "__version__"]
+__all__ = ["GenerationError", "Limits", "UnclipError", "load", "__version__"]
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
+def __getattr__(name: str):
+    if name == "Limits":  # unclip.Limits without importing pydantic for `import unclip`
+        from unclip.engine.settings import Limits
+
+        return Limits
+    raise AttributeError(f"module 'unclip' has no attribute {name!r}")
+
+
 def load(model: str | Path = "demo", backend: str = "torch", device: str = "cpu", allow_pickle: bool = False,
-         dtype: str = "fp32", cuda_graphs: bool = False, kernels: bool = False):
+         dtype: str = "fp32", cuda_graphs: bool = False, kernels: bool = False, limits=None):
     """Load a model once for many `generate` calls.
 
     `model` is a checkpoint folder (diffusers UnCLIPPipeline layout), "demo" (the trained model
     that ships in the package), a preset name, or already loaded UnclipComponents; with
     backend="onnxruntime" it is an artifact folder made by `unclip export onnx`.
     `dtype`, `cuda_graphs` and `kernels` switch on the GPU fast path of the torch backend
-    (unclip.engine.fast_path; docs/gpu.md).
+    (unclip.engine.fast_path; docs/gpu.md). `limits` (unclip.Limits) bounds what one generate
+    call may ask for; the default is generous for one user (docs/validation.md).
     """
+    pipe = _load(model, backend, device, allow_pickle, dtype, cuda_graphs, kernels, limits)
+    if limits is not None:  # backends that build their own Pipeline get the caller's limits here
+        pipe.limits = limits
+        pipe.settings()  # the model's own defaults must fit them: say so now, not at the first call
+    return pipe
+
+
+def _load(model, backend: str, device: str, allow_pickle: bool, dtype: str, cuda_graphs: bool, kernels: bool,
+          limits):
     import torch
 
     from unclip.engine.pipeline import Pipeline
+    from unclip.engine.settings import Limits
     from unclip.models import load_model
     from unclip.models.networks import model_dims
 
@@ -35,6 +55,10 @@ def load(model: str | Path = "demo", backend: str = "torch", device: str = "cpu"
                           "use --device cpu")
     if not (device == "cpu" or device.startswith("cuda")):
         raise UnclipError(f"unknown device {device!r}: use cpu or cuda")
+    if limits is not None and not isinstance(limits, Limits):
+        raise UnclipError(f"limits must be an unclip.Limits, got {type(limits).__name__}", param="limits")
+    if backend != "torch":  # the torch backend's loader (unclip.models.load_model) says it itself
+        logging.getLogger("unclip").info("loading %s (%s) ...", model, backend)
     if backend == "tensorrt":  # engines from `unclip export tensorrt`; cuda_graphs captures them too
         from unclip.engine.backends.tensorrt_backend import load_tensorrt_pipeline
 
@@ -57,7 +81,7 @@ def load(model: str | Path = "demo", backend: str = "torch", device: str = "cpu"
         runtime, stage_runner = fast_path(runtime, dtype, cuda_graphs, kernels)
     return Pipeline(runtime, components.tokenizer, model_dims(components), components.schedulers,
                     model_name=components.name, stage_runner=stage_runner,
-                    sampler_defaults=components.sampler_defaults)
+                    sampler_defaults=components.sampler_defaults, limits=limits)
 
 
 def _check_fast_path(backend: str, device: str, dtype: str, cuda_graphs: bool, kernels: bool) -> None:

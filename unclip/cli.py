@@ -1,9 +1,11 @@
-"""`unclip generate | init | info`: the command line. User mistakes become one line and exit 1."""
+"""`unclip generate | init | info | evaluate`: the command line. User mistakes become one line and
+exit 1; Ctrl-C exits 130 with no output half-written."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -11,15 +13,34 @@ from pathlib import Path
 import click
 
 from unclip.bench.cli import bench
+from unclip.engine.settings import (
+    GenerationSettings,
+    Limits,
+    check_prompts,
+    check_seed,
+    read_sampler_defaults,
+)
 from unclip.errors import UnclipError
 from unclip.export.cli import export
-from unclip.folders import check_output_folder
-from unclip.models import DEFAULT_MODEL
+from unclip.folders import check_output_folder, interrupt_after, write_file_atomic
+from unclip.models import DEFAULT_MODEL, DEMO_FOLDER
 from unclip.serve.cli import serve
 
-MODEL_DEFAULT = "the model's sampler_defaults.json, else"
 MODEL_HELP = ("demo (the trained model shipped in the package), a checkpoint folder (diffusers "
               "UnCLIPPipeline layout) or a random-weight preset: tiny, small, karlo")
+IMAGE_NAME = re.compile(r"\d{4}\.png")  # what generate writes: 0000.png, 0001.png, ...
+LIMITS = Limits()  # the CLI runs with the default limits (docs/validation.md)
+
+
+def _setting_help(field: str) -> str:
+    """The range, and the value the default model runs with (its sampler_defaults.json, if any)."""
+    allowed = (f"2..{LIMITS.max_steps}" if field.endswith("steps")
+               else f"1.0 (unguided) .. {LIMITS.max_guidance:g}")
+    engine = getattr(GenerationSettings(), field)
+    demo = read_sampler_defaults(DEMO_FOLDER).get(field) if DEMO_FOLDER.is_dir() else None
+    if demo is None or DEFAULT_MODEL != "demo":
+        return f"{allowed}  [default: {engine}; a model's sampler_defaults.json may set its own]"
+    return f"{allowed}  [default: {demo} for demo (its sampler_defaults.json); {engine} without one]"
 
 
 class _Group(click.Group):
@@ -27,8 +48,23 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UnclipError as exc:
-            click.echo(f"unclip: error: {exc}", err=True)
+            click.echo(f"unclip: error: {_option_spelling(exc)}", err=True)
             sys.exit(1)
+        except click.UsageError as exc:  # click's own: not a number, an unknown option (exit 2, as click)
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            click.echo(f"unclip: error: {exc.format_message()}{where}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:  # the shell's convention for Ctrl-C: 128 + SIGINT
+            click.echo("unclip: interrupted", err=True)
+            sys.exit(130)
+
+
+def _option_spelling(exc: UnclipError) -> str:
+    """The validation layer names a field as the API does (`decoder_steps ...`); here it is an option."""
+    text = str(exc)
+    if exc.param and re.fullmatch(r"[a-z_]+", exc.param) and text.startswith(exc.param + " "):
+        return f"--{exc.param.replace('_', '-')}{text[len(exc.param):]}"
+    return text
 
 
 @click.group(cls=_Group)
@@ -60,11 +96,34 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
+def earlier_images(out: Path) -> list[Path]:
+    """The images an earlier `unclip generate` wrote into `out` (NNNN.png whose PNG text says
+    software=unclip): a new run replaces them. A NNNN.png that unclip did not write is the user's,
+    and is refused before any work."""
+    from PIL import Image
+
+    found = []
+    for path in sorted(out.iterdir()) if out.is_dir() else []:
+        if IMAGE_NAME.fullmatch(path.name):
+            try:
+                with Image.open(path) as img:
+                    ours = img.info.get("software") == "unclip"
+            except (OSError, ValueError):
+                ours = False
+            if not ours:
+                raise UnclipError(f"--out {out} holds {path.name}, which unclip did not write; a run would "
+                                  "replace it: move it away or choose another folder", param="out")
+            found.append(path)
+    return found
+
+
 def write_images(images: list, out: Path, metadata: list[dict[str, str]]) -> list[Path]:
-    """All or nothing: each PNG goes to a temporary name, renamed into place once all are written."""
+    """All or nothing: each PNG goes to a temporary name, renamed into place once all are written;
+    then an earlier run's images that this run did not overwrite are removed."""
     from PIL.PngImagePlugin import PngInfo
 
     out.mkdir(parents=True, exist_ok=True)
+    earlier = earlier_images(out)
     staged: list[tuple[Path, Path]] = []
     try:
         for i, (image, meta) in enumerate(zip(images, metadata, strict=True)):
@@ -72,18 +131,25 @@ def write_images(images: list, out: Path, metadata: list[dict[str, str]]) -> lis
             for key, value in meta.items():
                 info.add_text(key, value)
             fd, tmp = tempfile.mkstemp(prefix=f".{i:04d}.", suffix=".png.tmp", dir=out)
+            staged.append((Path(tmp), out / f"{i:04d}.png"))
             with os.fdopen(fd, "wb") as f:
                 image.save(f, format="PNG", pnginfo=info)
-            staged.append((Path(tmp), out / f"{i:04d}.png"))
-    except OSError as exc:
+    except BaseException as exc:  # an error or a Ctrl-C: no temporary file stays behind
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
-        raise UnclipError(f"cannot write images to {out}: {exc.strerror or exc}") from None
+        if isinstance(exc, OSError):
+            raise UnclipError(f"cannot write images to {out}: {exc.strerror or exc}") from None
+        raise
     umask = os.umask(0)
     os.umask(umask)
-    for tmp, final in staged:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; images should read like any other file
-        os.replace(tmp, final)
+    with interrupt_after():
+        for tmp, final in staged:
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; images should read like any other file
+            os.replace(tmp, final)
+        written = {final for _, final in staged}
+        for path in earlier:
+            if path not in written:
+                path.unlink(missing_ok=True)
     return [final for _, final in staged]
 
 
@@ -99,15 +165,19 @@ def write_images(images: list, out: Path, metadata: list[dict[str, str]]) -> lis
 @click.option("--cuda-graphs", is_flag=True, help="cuda: replay each stage's loop as one captured CUDA graph")
 @click.option("--kernels", is_flag=True, help="cuda: fused Triton kernels (GroupNorm+SiLU, guidance step)")
 @click.option("--seed", type=int, default=0, show_default=True,
-              help="seeds torch.Generator('cpu'): the same seed gives the same images")
-@click.option("--num-images", type=int, default=1, show_default=True, help="images per prompt")
-@click.option("--prior-steps", type=int, default=None, help=f"[default: {MODEL_DEFAULT} 25]")
-@click.option("--decoder-steps", type=int, default=None, help=f"[default: {MODEL_DEFAULT} 25]")
-@click.option("--super-res-steps", type=int, default=None, help=f"[default: {MODEL_DEFAULT} 7]")
-@click.option("--prior-guidance", type=float, default=None, help=f"[default: {MODEL_DEFAULT} 4.0]")
-@click.option("--decoder-guidance", type=float, default=None, help=f"[default: {MODEL_DEFAULT} 8.0]")
+              help="0 <= seed < 2**64; seeds torch.Generator('cpu'): the same seed gives the same images")
+@click.option("--num-images", type=int, default=1, show_default=True,
+              help=f"images per prompt (at most {LIMITS.max_images} images per call: prompts x num-images)")
+@click.option("--prior-steps", type=int, default=None, help=_setting_help("prior_steps"))
+@click.option("--decoder-steps", type=int, default=None, help=_setting_help("decoder_steps"))
+@click.option("--super-res-steps", type=int, default=None, help=_setting_help("super_res_steps"))
+@click.option("--prior-guidance", type=float, default=None, help=_setting_help("prior_guidance"))
+@click.option("--decoder-guidance", type=float, default=None, help=_setting_help("decoder_guidance"))
 @click.option("--no-prior", is_flag=True, help="skip the prior: the CLIP text embedding goes to the decoder")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("unclip-out"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("unclip-out"), show_default=True,
+              help="folder for the images; a reused folder gets this run's images, and the earlier "
+                   "run's NNNN.png are removed (other files are left alone; a NNNN.png that unclip "
+                   "did not write is refused)")
 @click.option("--allow-pickle", is_flag=True, help="allow pickle (.bin) weights, which can run code")
 def generate(prompts: tuple[str, ...], model: str, backend: str, device: str, dtype: str,
              cuda_graphs: bool, kernels: bool, seed: int,
@@ -117,15 +187,17 @@ def generate(prompts: tuple[str, ...], model: str, backend: str, device: str, dt
              allow_pickle: bool) -> None:
     """Generate images for PROMPTS; writes OUT/0000.png, ... (prompt-major) and prints the paths."""
     import unclip
-    from unclip.engine.pipeline import GenerationSettings, check_prompts
 
     given = {name: value for name, value in (
         ("prior_steps", prior_steps), ("decoder_steps", decoder_steps), ("super_res_steps", super_res_steps),
         ("prior_guidance", prior_guidance), ("decoder_guidance", decoder_guidance)) if value is not None}
     given.update(num_images=num_images, use_prior=not no_prior)
-    GenerationSettings(**given).validate()  # a bad value fails before the model loads
-    check_prompts(list(prompts))
+    # every value is checked before the model loads, by the same layer generate() uses
+    GenerationSettings(**given).validate(LIMITS)
+    LIMITS.check_images(len(check_prompts(list(prompts), LIMITS)), num_images)
+    check_seed(seed)
     check_output_folder(out)
+    earlier_images(out)
     pipe = unclip.load(model, backend=backend, device=device, allow_pickle=allow_pickle, dtype=dtype,
                        cuda_graphs=cuda_graphs, kernels=kernels)
     s = pipe.settings(**given)
@@ -183,7 +255,8 @@ def info(model: str) -> None:
               help="how many trained colour/shape/background combinations to test (seeded choice)")
 @click.option("--held-out-prompts", type=int, default=6, show_default=True,
               help="how many of the combinations held out of training to test")
-@click.option("--images-per-prompt", type=int, default=4, show_default=True)
+@click.option("--images-per-prompt", type=int, default=4, show_default=True,
+              help=f"at most {LIMITS.max_images}")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="write the full results as JSON")
 def evaluate(model: str, trained_prompts: int, held_out_prompts: int, images_per_prompt: int, seed: int,
@@ -195,6 +268,8 @@ def evaluate(model: str, trained_prompts: int, held_out_prompts: int, images_per
 
     if min(trained_prompts, held_out_prompts) < 0 or images_per_prompt < 1:
         raise UnclipError("prompt counts must be >= 0 and --images-per-prompt >= 1")
+    LIMITS.check_images(1, images_per_prompt)
+    check_seed(seed)
     if out is not None:
         check_output_folder(out.parent if out.parent != Path("") else Path("."))
         if out.is_dir():
@@ -208,7 +283,7 @@ def evaluate(model: str, trained_prompts: int, held_out_prompts: int, images_per
                    f"{row['background_accuracy']:>10.1%} {row['colour_accuracy']:>6.1%} "
                    f"{row['shape_accuracy']:>5.1%} {row['clip_retrieval_top1']:>10.1%}")
     if out is not None:
-        out.write_text(json.dumps(result, indent=2))
+        write_file_atomic(out, json.dumps(result, indent=2))
 
 
 cli.add_command(export)

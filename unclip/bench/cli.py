@@ -10,6 +10,7 @@ from click.core import ParameterSource
 
 from unclip.bench.config import BenchConfig, check, parse_list, read_suite
 from unclip.errors import UnclipError
+from unclip.folders import check_output_folder
 
 D = BenchConfig  # the defaults live on the dataclass, documented there
 # what each option must be (values from a suite file arrive as JSON types, unchecked by click)
@@ -72,6 +73,7 @@ def bench(ctx: click.Context, suite: Path | None, no_plots: bool, **options) -> 
     options["prior_guidance"], options["decoder_guidance"] = (float(options["prior_guidance"]),
                                                               float(options["decoder_guidance"]))
     options["out"], options["cache_dir"] = Path(options["out"]), Path(options["cache_dir"])
+    check_output_folder(options["out"])  # a read-only --out is one line, before any work
     cfg = check(BenchConfig(**options, plots=not no_plots, suite=None if suite is None else str(suite)),
                 unclip.BACKENDS)
     try:

@@ -1,23 +1,32 @@
 """Reading an exported artifact folder: checked manifest, sizes, schedules, tokenizer, constants.
 
-Everything a runtime backend needs besides its sessions, without diffusers or transformers.
-All files are checked against their sha256 in the manifest before anything is loaded.
+Everything a runtime backend needs besides its sessions, without diffusers or transformers. In
+order: the manifest's schema (before any other file is opened), every file listed, inside the
+folder and matching its sha256, then each network's tensors, as the ONNX file itself declares
+them, against the spec table of this unclip.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from pydantic import ConfigDict, Field, ValidationError, create_model
 
-from unclip.engine.pipeline import read_sampler_defaults
 from unclip.engine.scheduler import SchedulerConfig
+from unclip.engine.settings import read_sampler_defaults, scheduler_config
 from unclip.engine.tokenizer import ClipTokenizer
-from unclip.errors import UnclipError
+from unclip.errors import UnclipError, schema_error
 from unclip.export import manifest as layout
-from unclip.specs import ModelDims, network_specs
+from unclip.specs import ModelDims, NetworkSpec, network_specs
+
+SCHEDULER_NAMES = ("prior_scheduler", "decoder_scheduler", "super_res_scheduler")
+ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 9: "bool"}  # onnx.TensorProto element types
+# model_dims.json's schema: every ModelDims field, a positive integer, nothing else
+_ModelDimsFile = create_model("ModelDimsFile", __config__=ConfigDict(strict=True, extra="forbid"),
+                              **{f.name: (int, Field(ge=1)) for f in fields(ModelDims)})
 
 
 @dataclass
@@ -34,35 +43,132 @@ class Artifact:
         return self.folder / self.manifest["networks"][network]["file"]
 
 
-def _read_config(folder: Path, name: str) -> dict:
+def _read_config(path: Path):
     try:
-        return json.loads((folder / name).read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UnclipError(f"{folder / name} cannot be read ({exc}); {layout.REEXPORT_HINT}") from None
+        raise UnclipError(f"{path} cannot be read ({exc}); {layout.REEXPORT_HINT}") from None
 
 
 def load_artifact(folder: str | Path) -> Artifact:
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     manifest = layout.read_manifest(folder)
     layout.verify_files(folder, manifest)
+    configs = manifest["configs"]
+    dims = _model_dims(folder / configs["model_dims"])
+    specs = network_specs(dims)
+    _check_networks(folder, manifest, specs)
+    schedulers = _schedulers(folder / configs["schedulers"])
+    constants = _constants(folder / configs["constants"], dims)
+    tokenizer = ClipTokenizer(folder / configs["tokenizer"])
+    if tokenizer.model_max_length != dims.text_len:
+        raise UnclipError(f"{folder / configs['tokenizer']} pads to {tokenizer.model_max_length} tokens, but "
+                          f"the networks were exported for {dims.text_len}; {layout.REEXPORT_HINT}")
+    return Artifact(folder, manifest, dims, schedulers, tokenizer, constants, read_sampler_defaults(folder))
+
+
+def _model_dims(path: Path) -> ModelDims:
+    data = _read_config(path)
     try:
-        dims = ModelDims(**_read_config(folder, layout.MODEL_DIMS))
-    except TypeError as exc:  # written by another unclip version
-        raise UnclipError(f"{folder / layout.MODEL_DIMS} does not match this unclip ({exc}); "
-                          f"{layout.REEXPORT_HINT}") from None
-    for name, spec in network_specs(dims).items():
+        _ModelDimsFile.model_validate(data)
+    except ValidationError as exc:  # e.g. written by another unclip version
+        raise schema_error(exc, where=f"{path}: ", fix=layout.REEXPORT_HINT, data=data) from None
+    return ModelDims(**data)
+
+
+def _check_networks(folder: Path, manifest: dict, specs: dict[str, NetworkSpec]) -> None:
+    """The spec table names the networks and their tensors; the manifest and each ONNX file must agree."""
+    where = folder / layout.MANIFEST
+    unknown = sorted(set(manifest["networks"]) - set(specs))
+    if unknown:
+        raise UnclipError(f"{where}: networks.{unknown[0]} is not a network this unclip runs "
+                          f"({', '.join(specs)}); {layout.REEXPORT_HINT}")
+    for name, spec in specs.items():
         entry = layout.network_entry(manifest, folder, name)
-        layout.verify_file(folder, entry["file"], entry["sha256"])
-        if entry.get("external_data"):
-            layout.verify_file(folder, entry["external_data"]["file"], entry["external_data"]["sha256"])
-        names = ([t["name"] for t in entry.get("inputs", [])], [t["name"] for t in entry.get("outputs", [])])
-        if names != (spec.input_names, spec.output_names):
-            raise UnclipError(f"{entry['file']} was exported with tensors {names}, this unclip binds "
-                              f"{(spec.input_names, spec.output_names)}; {layout.REEXPORT_HINT}")
-    schedulers = {name: SchedulerConfig.from_dict(config)
-                  for name, config in _read_config(folder, layout.SCHEDULERS).items()}
-    constants = load_file(folder / layout.CONSTANTS)
-    return Artifact(folder, manifest, dims, schedulers, ClipTokenizer(folder / layout.TOKENIZER), constants,
-                    read_sampler_defaults(folder))
+        if entry["precision"] != manifest["precision"]:
+            raise UnclipError(f"{where}: networks.{name}.precision is {entry['precision']}, the artifact's "
+                              f"is {manifest['precision']}; {layout.REEXPORT_HINT}")
+        wanted = _tensors(spec)
+        recorded = tuple([(t["name"], t["dtype"], list(t["shape"])) for t in entry[key]]
+                         for key in ("inputs", "outputs"))
+        if recorded != wanted:
+            raise UnclipError(f"{where}: networks.{name} {_difference(recorded, wanted)} (the spec table of "
+                              f"this unclip); {layout.REEXPORT_HINT}")
+        _check_graph(folder / entry["file"], spec, wanted, manifest["precision"])
+
+
+def _tensors(spec: NetworkSpec) -> tuple[list, list]:
+    return tuple([(t.name, t.dtype, list(t.shape)) for t in group] for group in (spec.inputs, spec.outputs))
+
+
+def _difference(found: tuple[list, list], wanted: tuple[list, list]) -> str:
+    """The first tensor that differs, as `inputs[1] is (name, dtype, shape), must be (...)`."""
+    for kind, have, want in zip(("inputs", "outputs"), found, wanted, strict=True):
+        for i in range(max(len(have), len(want))):
+            a = have[i] if i < len(have) else "absent"
+            b = want[i] if i < len(want) else "absent"
+            if a != b:
+                return f"{kind}[{i}] is {a}, must be {b}"
+    return "differs"
+
+
+def _check_graph(path: Path, spec: NetworkSpec, wanted: tuple[list, list], precision: str) -> None:
+    """Tensor names, dtypes and shapes as the ONNX file declares them, and its weights' precision
+    (an fp16 export holds float16 weights, an fp32 one none): the file is read without its weights'
+    external data, so this costs one parse of the graph."""
+    try:
+        import onnx
+    except ImportError:
+        raise UnclipError("reading an exported artifact needs the onnx package: "
+                          "pip install 'unclip[onnx]'") from None
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise many types for a bad file
+        raise UnclipError(f"{path} cannot be read as ONNX ({str(exc)[:160] or type(exc).__name__}); "
+                          f"{layout.REEXPORT_HINT}") from None
+    weights = {init.name for init in graph.initializer}
+
+    def declared(values) -> list:
+        out = []
+        for v in values:
+            if v.name not in weights:
+                t = v.type.tensor_type
+                shape = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]
+                out.append((v.name, ONNX_DTYPES.get(t.elem_type, f"onnx type {t.elem_type}"), shape))
+        return out
+
+    found = (declared(graph.input), declared(graph.output))
+    if found != wanted:
+        raise UnclipError(f"{path}: the graph's {_difference(found, wanted)} for network {spec.name!r} (the "
+                          f"spec table); it is another network's file or from another export: "
+                          f"{layout.REEXPORT_HINT}")
+    half = any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer)
+    if half != (precision == "fp16"):
+        raise UnclipError(f"{path} holds {'float16' if half else 'float32'} weights, but the manifest says "
+                          f"precision {precision}; {layout.REEXPORT_HINT}")
+
+
+def _schedulers(path: Path) -> dict[str, SchedulerConfig]:
+    data = _read_config(path)
+    if not isinstance(data, dict) or sorted(data) != sorted(SCHEDULER_NAMES):
+        got = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise UnclipError(f"{path} must map {', '.join(SCHEDULER_NAMES)} to scheduler configs, got {got}; "
+                          f"{layout.REEXPORT_HINT}")
+    return {name: scheduler_config(config, f"{path} ({name})", layout.REEXPORT_HINT)
+            for name, config in data.items()}
+
+
+def _constants(path: Path, dims: ModelDims) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        constants = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UnclipError(f"{path} cannot be read ({exc}); {layout.REEXPORT_HINT}") from None
+    for name in ("clip_mean", "clip_std"):
+        tensor = constants.get(name)
+        if tensor is None or tensor.numel() != dims.clip_dim or not torch.isfinite(tensor).all():
+            raise UnclipError(f"{path} must hold {name}, {dims.clip_dim} finite numbers (the prior's CLIP "
+                              f"statistics); {layout.REEXPORT_HINT}")
+    return constants

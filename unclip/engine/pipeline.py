@@ -8,13 +8,10 @@ gives the same image on every backend, and the fp32 CPU path matches diffusers' 
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,72 +21,24 @@ from tqdm.auto import tqdm
 from unclip.engine.backends import Backend
 from unclip.engine.batch import Batch, Request, take_rows
 from unclip.engine.scheduler import SchedulerConfig, StepTable, scheduler_step, step_table
-from unclip.errors import GenerationError, UnclipError
+from unclip.engine.settings import (  # noqa: F401 (their home before engine.settings; kept importable)
+    SAMPLER_DEFAULTS,
+    TUNABLE,
+    GenerationSettings,
+    Limits,
+    check_generator,
+    check_output_type,
+    check_prompts,
+    check_schedules,
+    check_seed,
+    read_sampler_defaults,
+    write_sampler_defaults,
+)
+from unclip.errors import GenerationError
 from unclip.specs import ModelDims
 
 log = logging.getLogger("unclip")
 StepCallback = Callable[[str, int, int], None]  # (stage, step index, rows the step computed)
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    num_images: int = 1  # per prompt
-    prior_steps: int = 25
-    decoder_steps: int = 25
-    super_res_steps: int = 7
-    prior_guidance: float = 4.0
-    decoder_guidance: float = 8.0
-    use_prior: bool = True  # False: the CLIP text embedding goes to the decoder
-
-    def validate(self) -> GenerationSettings:
-        if not isinstance(self.num_images, int) or self.num_images < 1:
-            raise UnclipError(f"--num-images must be a positive integer, got {self.num_images!r}")
-        for name in ("prior_steps", "decoder_steps", "super_res_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 2:
-                raise UnclipError(f"--{name.replace('_', '-')} must be an integer of at least 2 "
-                                  f"(the schedule runs from t=999 to t=0), got {value!r}")
-        for name in ("prior_guidance", "decoder_guidance"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise UnclipError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
-        return self
-
-    @property
-    def guided(self) -> bool:
-        # diffusers batches guidance through both loops when either scale asks for it
-        scales = [self.decoder_guidance] + ([self.prior_guidance] if self.use_prior else [])
-        return any(g > 1.0 for g in scales)
-
-
-SAMPLER_DEFAULTS = "sampler_defaults.json"  # optional, in a checkpoint or artifact folder
-TUNABLE = ("prior_steps", "decoder_steps", "super_res_steps", "prior_guidance", "decoder_guidance")
-
-
-def read_sampler_defaults(folder: str | Path) -> dict:
-    """A model's own sampler defaults (`{"decoder_guidance": 1.0}`): Karlo's 25/25/7 steps and
-    guidance 4/8 are tuned for Karlo, and another model may draw best elsewhere. Absent: {}."""
-    path = Path(folder) / SAMPLER_DEFAULTS
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UnclipError(f"{path} cannot be read ({exc}); fix or delete it") from None
-    unknown = sorted(set(data) - set(TUNABLE)) if isinstance(data, dict) else ["(not an object)"]
-    if unknown:
-        raise UnclipError(f"{path} has unknown settings {unknown}; allowed: {', '.join(TUNABLE)}")
-    try:
-        GenerationSettings(**data).validate()
-    except UnclipError as exc:
-        raise UnclipError(f"{path}: {exc}") from None
-    return data
-
-
-def write_sampler_defaults(folder: Path, defaults: dict) -> None:
-    """The reader's counterpart, for checkpoints and artifacts; nothing is written for {}."""
-    if defaults:
-        (Path(folder) / SAMPLER_DEFAULTS).write_text(json.dumps(defaults, indent=2) + "\n")
 
 
 @dataclass
@@ -122,26 +71,17 @@ def stage_guided(s: GenerationSettings) -> dict[str, bool]:
     return {"prior": s.use_prior and s.prior_guidance > 1.0, "decoder": s.decoder_guidance > 1.0}
 
 
-def check_prompts(prompts: str | list[str]) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts:
-        raise UnclipError("no prompt given: pass at least one prompt")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise UnclipError(f"prompt {i + 1} is empty; give a text that describes the image")
-    return list(prompts)
-
-
 class Pipeline:
     """Load once, generate many times. Thread-safe: calls are serialised on the shared buffers."""
 
     def __init__(self, backend: Backend, tokenizer, dims: ModelDims,
                  schedulers: dict[str, SchedulerConfig], model_name: str = "unnamed",
-                 stage_runner=None, sampler_defaults: dict | None = None):
+                 stage_runner=None, sampler_defaults: dict | None = None, limits: Limits | None = None):
         self.backend = backend
         # what generate() uses for settings the caller leaves out: the model's, then Karlo's
-        self.defaults = GenerationSettings(**(sampler_defaults or {})).validate()
+        self.defaults = GenerationSettings(**(sampler_defaults or {}))
+        self.limits = limits or Limits()  # how much one call may ask for (engine.settings.Limits)
+        self.limits.check_settings(self.defaults)
         # None: the plain loops below; else the GPU fast path (unclip.engine.cuda_graphs.StageRunner)
         # runs each stage's loop on static buffers, captured as a CUDA graph and/or with fused kernels
         self.stage_runner = stage_runner
@@ -158,23 +98,28 @@ class Pipeline:
     def generate(self, prompts: str | list[str], *, seed: int = 0,
                  generator: torch.Generator | None = None, output_type: str = "pil",
                  progress: bool = False, **settings) -> list | np.ndarray | torch.Tensor:
-        """Images for each prompt (prompt-major, then image index): PIL images, an NHWC array
-        (output_type="np") or an NCHW tensor ("pt"), in [0, 1]."""
-        prompts = check_prompts(prompts)
+        """Images for each prompt (prompt-major, then image index): PIL images ("pil"), an NHWC float32
+        array in [0, 1] ("np") or an NCHW float32 tensor in [0, 1] on the CPU ("pt"). Bad input:
+        UnclipError."""
+        prompts = check_prompts(prompts, self.limits)
         s = self.settings(**settings)
+        self.limits.check_images(len(prompts), s.num_images)
+        check_output_type(output_type)
         if generator is None:
-            generator = torch.Generator("cpu").manual_seed(seed)
+            generator = torch.Generator("cpu").manual_seed(check_seed(seed))
+        else:
+            check_generator(generator)
         [images] = self.generate_requests([Request(prompts, s, generator)], progress=progress)
         return convert_images(images, output_type)
 
     def generate_requests(self, requests: list[Request], *, progress: bool = False,
                           on_step: StepCallback | None = None) -> list[torch.Tensor | None]:
         """Several callers' requests as one batch (same steps, guidance and prior; any prompts,
-        image counts and generators). Per request: NCHW float32 images in [0, 1] on the CPU,
-        or None if it was cancelled. Each request's images equal what it gives alone (its noise
-        comes from its own generator in the same order); a request whose `cancelled()` turns
-        true leaves the batch before the next denoising step. `on_step(stage, step, rows)` is
-        called after every step with the rows that step computed."""
+        image counts and generators; each checked as `generate` checks its arguments). Per request:
+        NCHW float32 images in [0, 1] on the CPU, or None if it was cancelled. Each request's images
+        equal what it gives alone (its noise comes from its own generator in the same order); a
+        request whose `cancelled()` turns true leaves the batch before the next denoising step.
+        `on_step(stage, step, rows)` is called after every step with the rows that step computed."""
         batch = Batch(requests)
         s, guided = batch.settings, stage_guided(batch.settings)
         with self._lock, torch.inference_mode():
@@ -196,8 +141,12 @@ class Pipeline:
         return batch.split((image * 0.5 + 0.5).clamp(0, 1).float().cpu())
 
     def settings(self, **overrides) -> GenerationSettings:
-        """The settings a generate call with these keyword arguments runs with."""
-        return replace(self.defaults, **overrides).validate()
+        """The settings a generate call with these keyword arguments runs with, checked against the
+        limits and this model's schedules."""
+        s = replace(self.defaults, **overrides)
+        self.limits.check_settings(s)
+        check_schedules(s, self.schedulers)
+        return s
 
     def encode_text(self, batch: Batch, guided: bool) -> TextConditioning:
         prompts = [p for i in batch.active for p in batch.requests[i].prompts]

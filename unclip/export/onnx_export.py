@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from unclip.engine.pipeline import write_sampler_defaults
+from unclip.engine.settings import write_sampler_defaults
 from unclip.errors import UnclipError
 from unclip.export import manifest as layout
 from unclip.export.fp16 import FRAGILE_OPS
@@ -92,6 +92,9 @@ def export_onnx(model: str | Path, out: str | Path, precision: str = "fp32", ops
             "files": files,
         }
         layout.write_manifest(tmp, manifest)
+        from unclip.engine.artifact import load_artifact
+
+        load_artifact(tmp)  # the runtime must accept what we wrote: schema, hashes, tensors, precision
     log.info("wrote %s", out)
     return manifest
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from unclip.errors import UnclipError
@@ -33,6 +34,10 @@ def load_model(model, allow_pickle: bool = False, seed: int = 0):
 
     if isinstance(model, UnclipComponents):
         return model
+    log = logging.getLogger("unclip")
     if str(model) in PRESETS and not Path(model).exists():
+        log.info("building preset %s (random weights, seed %d) ...", model, seed)
         return build_preset(str(model), seed=seed)
-    return load_components(resolve_model_path(model), allow_pickle=allow_pickle)
+    folder = resolve_model_path(model)
+    log.info("loading %s ...", model if str(model) == "demo" else folder)  # takes seconds: say so
+    return load_components(folder, allow_pickle=allow_pickle)

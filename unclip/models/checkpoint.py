@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import ConfigDict, Field, ValidationError, create_model
 
-from unclip.engine.pipeline import read_sampler_defaults, write_sampler_defaults
-from unclip.engine.scheduler import SchedulerConfig
-from unclip.errors import UnclipError
+from unclip.engine.settings import read_sampler_defaults, scheduler_config, write_sampler_defaults
+from unclip.engine.tokenizer import check_vocabulary_files
+from unclip.errors import UnclipError, schema_error
 from unclip.folders import staged_folder
 from unclip.models.components import NETWORKS, SCHEDULERS, UnclipComponents, network_classes
 from unclip.models.presets import PRESETS
 
-LIBRARIES = {
+LIBRARIES = {  # what save_components writes into model_index.json (as Karlo's folder has it)
     "text_encoder": ("transformers", "CLIPTextModelWithProjection"),
     "tokenizer": ("transformers", "CLIPTokenizer"),
     "prior": ("diffusers", "PriorTransformer"),
@@ -29,6 +31,27 @@ LIBRARIES = {
     "super_res_last": ("diffusers", "UNet2DModel"),
     **{name: ("diffusers", "UnCLIPScheduler") for name in SCHEDULERS},
 }
+# What model_index.json may name, beyond LIBRARIES: the fast tokenizer class, text_proj under
+# newer diffusers' library name, and the CLIP image tower that image-conditioned models ship.
+ALSO_ACCEPTED = {"tokenizer": ("transformers", "CLIPTokenizerFast"),
+                 "text_proj": ("diffusers", "UnCLIPTextProjModel")}
+OPTIONAL = {"image_encoder": ("transformers", "CLIPVisionModelWithProjection")}
+
+
+def _entry_type(*pairs: tuple[str, str]):
+    libraries, classes = zip(*pairs, strict=True)
+    return tuple[Literal[tuple(dict.fromkeys(libraries))], Literal[tuple(dict.fromkeys(classes))]]
+
+
+# model_index.json's schema: every component named, each as [library, class] of the class we load;
+# an optional component may be [null, null] (diffusers' mark for "not saved").
+_ModelIndex = create_model(
+    "ModelIndex", __config__=ConfigDict(extra="forbid", populate_by_name=True),
+    class_name=(Literal["UnCLIPPipeline"], Field("UnCLIPPipeline", alias="_class_name")),
+    **{name: (_entry_type(pair, *([ALSO_ACCEPTED[name]] if name in ALSO_ACCEPTED else [])), ...)
+       for name, pair in LIBRARIES.items()},
+    **{name: (_entry_type(pair) | tuple[None, None] | None, None) for name, pair in OPTIONAL.items()},
+)
 SAFETENSORS = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 PICKLES = ("pytorch_model.bin", "diffusion_pytorch_model.bin")
 ALLOW_PICKLE_HINT = "pass --allow-pickle (Python: allow_pickle=True) if you trust its source"
@@ -118,12 +141,61 @@ def _load_state_dict(folder: Path, name: str, allow_pickle: bool) -> dict[str, t
     raise UnclipError(f"no weights for {name!r} in {folder} (expected {' or '.join(SAFETENSORS)})")
 
 
+def _load_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    if not ((folder / "vocab.json").exists() or (folder / "tokenizer.json").exists()):
+        raise UnclipError(f"model folder {folder.parent} has no tokenizer (expected {folder}/vocab.json "
+                          "and merges.txt)")
+    check_vocabulary_files(folder)
+    try:
+        return CLIPTokenizer.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - the tokenizer library raises many types
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UnclipError(f"tokenizer in {folder} cannot be read ({detail}); re-download or re-save "
+                          "the model") from None
+
+
+def _check_consistency(root: Path, tokenizer, networks: dict[str, torch.nn.Module]) -> None:
+    """Components that each load but do not fit together would fail mid-generate: say so here."""
+    text, prior = networks["text_encoder"].config, networks["prior"].config
+    proj, decoder = networks["text_proj"].config, networks["decoder"].config
+    length = tokenizer.model_max_length
+    pairs = [  # (what, value, must equal what, value)
+        ("the tokenizer's model_max_length (tokenizer/tokenizer_config.json)", length,
+         "the text encoder's max_position_embeddings", text.max_position_embeddings),
+        ("the text encoder's projection_dim", text.projection_dim, "the prior's embedding_dim",
+         prior.embedding_dim),
+        ("the prior's num_embeddings", prior.num_embeddings, "the tokenizer's model_max_length", length),
+        ("text_proj's clip_embeddings_dim", proj.clip_embeddings_dim, "the prior's embedding_dim",
+         prior.embedding_dim),
+        ("text_proj's cross_attention_dim", proj.cross_attention_dim, "the decoder's cross_attention_dim",
+         decoder.cross_attention_dim),
+        ("super_res_first's in_channels", networks["super_res_first"].config.in_channels,
+         "twice the decoder's in_channels", 2 * decoder.in_channels),
+        ("super_res_last's sample_size", networks["super_res_last"].config.sample_size,
+         "super_res_first's sample_size", networks["super_res_first"].config.sample_size),
+    ]
+    for what, value, other, expected in pairs:
+        if value != expected:
+            raise UnclipError(f"model folder {root}: {what} is {value}, but {other} is {expected}; the "
+                              "folder mixes components of different models")
+    if len(tokenizer) > text.vocab_size:
+        raise UnclipError(f"model folder {root}: the tokenizer has {len(tokenizer)} tokens, but the text "
+                          f"encoder's vocab_size is {text.vocab_size}; the folder mixes components of "
+                          "different models")
+
+
 def _load_network(root: Path, name: str, allow_pickle: bool) -> torch.nn.Module:
     folder = root / name
     if not folder.is_dir():
         raise UnclipError(f"model folder {root} has no {name!r} component (expected folder {folder})")
     config = _read_json(folder / "config.json", f"config of {name!r}")
     cls = network_classes()[name]
+    declared = config.get("_class_name") or (config.get("architectures") or [None])[0]
+    if declared is not None and declared != cls.__name__:
+        raise UnclipError(f"{folder / 'config.json'} describes a {declared!r}, but {name!r} must be a "
+                          f"{cls.__name__}; the folder mixes files of different models")
     try:
         if name == "text_encoder":
             from transformers import CLIPTextConfig
@@ -131,8 +203,10 @@ def _load_network(root: Path, name: str, allow_pickle: bool) -> torch.nn.Module:
             net = cls(CLIPTextConfig.from_dict(config))
         else:
             net = cls.from_config(config)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise UnclipError(f"config of {name!r} does not describe a {cls.__name__} ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - library constructors raise many types for a bad config
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UnclipError(f"config of {name!r} does not describe a {cls.__name__} ({detail}); "
+                          "re-download or re-save the model") from None
     state = _load_state_dict(folder, name, allow_pickle)
     try:
         result = net.load_state_dict(state, strict=False)
@@ -149,35 +223,39 @@ def _load_network(root: Path, name: str, allow_pickle: bool) -> torch.nn.Module:
     return net.eval().requires_grad_(False)
 
 
+def check_model_index(index: dict, path: Path) -> None:
+    """Each component must be the library and class this loader builds: a checkpoint naming
+    another class (`UNet9000Model`) would otherwise load our class from its files."""
+    data = {k: v for k, v in index.items() if not k.startswith("_") or k == "_class_name"}
+    try:
+        _ModelIndex.model_validate(data)
+    except ValidationError as exc:
+        expected = ", ".join(f"{n}: {list(lib)}" for n, lib in LIBRARIES.items())
+        raise schema_error(exc, where=f"{path}: ", data=data,
+                           fix="this unclip loads UnCLIPPipeline checkpoints (diffusers layout) whose "
+                               f"model_index.json names {expected}",
+                           unknown=f"an UnCLIPPipeline checkpoint has {', '.join(LIBRARIES)}") from None
+
+
 def load_components(path: str | Path, allow_pickle: bool = False) -> UnclipComponents:
     """Load a checkpoint folder, checking each component with a message that names it."""
-    from transformers import CLIPTokenizer
-
     root = Path(path)
     if not root.is_dir():
         raise UnclipError(f"model folder {root} does not exist; give a checkpoint folder "
                           f"or a preset ({', '.join(PRESETS)})")
+    if not (root / "model_index.json").exists() and (root / "manifest.json").exists():
+        raise UnclipError(f"{root} is an exported ONNX artifact folder, not a checkpoint: load it with "
+                          "--backend onnxruntime (Python: unclip.load(folder, backend='onnxruntime'))")
     index = _read_json(root / "model_index.json", "model_index.json")
-    for name in (*NETWORKS, "tokenizer", *SCHEDULERS):
-        if name not in index:
-            raise UnclipError(f"{root / 'model_index.json'} lists no {name!r} component; "
-                              "is this an unCLIP (UnCLIPPipeline) checkpoint?")
-    tok_folder = root / "tokenizer"
-    if not ((tok_folder / "vocab.json").exists() or (tok_folder / "tokenizer.json").exists()):
-        raise UnclipError(f"model folder {root} has no tokenizer (expected {tok_folder}/vocab.json "
-                          "and merges.txt)")
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(tok_folder)
-    except Exception as exc:  # noqa: BLE001 - the tokenizer library raises many types
-        raise UnclipError(f"tokenizer in {tok_folder} cannot be read ({exc})") from None
+    check_model_index(index, root / "model_index.json")
+    tokenizer = _load_tokenizer(root / "tokenizer")
     networks = {name: _load_network(root, name, allow_pickle) for name in NETWORKS}
     schedulers = {}
     for name in SCHEDULERS:
-        data = _read_json(root / name / "scheduler_config.json", f"config of {name!r}")
-        try:
-            schedulers[name] = SchedulerConfig.from_dict(data)
-        except (TypeError, ValueError) as exc:
-            raise UnclipError(f"config of {name!r} is not supported: {exc}") from None
+        path = root / name / "scheduler_config.json"
+        schedulers[name] = scheduler_config(_read_json(path, f"config of {name!r}"), str(path),
+                                            "re-download or re-save the model")
+    _check_consistency(root, tokenizer, networks)
     name = "demo" if root.resolve() == (Path(__file__).parent / "demo").resolve() else str(root)
     return UnclipComponents(tokenizer=tokenizer, schedulers=schedulers, name=name,
                             extra={"folder": str(root)}, sampler_defaults=read_sampler_defaults(root),

@@ -80,12 +80,17 @@ def evaluate(model: str | Path, trained: int = 24, held_out: int = len(HELD_OUT)
     pipe = unclip.load(folder)
     components = pipe.backend.components
     scorer = ClipScorer(folder, components.text_encoder, components.tokenizer)
+    from tqdm.auto import tqdm
+
     results: list[PromptResult] = []
     groups = evaluation_prompts(trained, held_out, seed)
+    total = sum(map(len, groups.values())) * images_per_prompt
+    bar = tqdm(total=total, desc="evaluate", unit="image", disable=not progress)  # one bar for the whole run
     for group, prompts in groups.items():
         for prompt in prompts:
             images = pipe.generate(prompt, seed=seed, num_images=images_per_prompt, output_type="np",
-                                   progress=progress, **settings)
+                                   **settings)
+            bar.update(images_per_prompt)
             pixels = (images * 255).round().astype(np.uint8)
             predictions = [score(img) for img in pixels]
             expected = prompt.split()
@@ -93,6 +98,7 @@ def evaluate(model: str | Path, trained: int = 24, held_out: int = len(HELD_OUT)
             correct = [p == truth for p in predictions]
             results.append(PromptResult(prompt, group, predictions, correct,
                                         scorer.retrieved(pixels, prompt)))
+    bar.close()
     summary = {}
     for group in groups:
         rows = [r for r in results if r.group == group]

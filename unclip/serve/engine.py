@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 import torch
 
 from unclip.engine.batch import Request
-from unclip.engine.pipeline import Pipeline, check_prompts
+from unclip.engine.pipeline import Pipeline
+from unclip.engine.settings import check_prompts, check_seed
 from unclip.errors import GenerationError, UnclipError
 from unclip.serve.metrics import Metrics
 
@@ -134,8 +135,10 @@ class Engine:
                timeout_s: float | None = None, **settings) -> Job:
         """Queue a request (`n` images per prompt; settings as Pipeline.generate). Bad input raises
         UnclipError here; a full queue QueueFull; a draining engine ShuttingDown."""
-        prompts = check_prompts(prompt)
+        limits = self.pipeline.limits  # the same limits as Pipeline.generate (engine.settings.Limits)
+        prompts = check_prompts(prompt, limits)
         s = self.pipeline.settings(num_images=n, **settings)
+        limits.check_images(len(prompts), s.num_images)
         seed = secrets.randbelow(2**63) if seed is None else check_seed(seed)
         if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise UnclipError(f"timeout must be a positive number of seconds, got {timeout_s!r}",
@@ -323,9 +326,3 @@ class Engine:
             self.metrics(self.metrics.in_flight).set(0)
             self._cond.notify_all()
 
-
-def check_seed(seed) -> int:
-    """What torch.Generator.manual_seed takes without wrapping: an integer in [0, 2**64)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise UnclipError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}", param="seed")
-    return seed

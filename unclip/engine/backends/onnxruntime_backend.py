@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from unclip.engine.artifact import Artifact, load_artifact
+from unclip.engine.artifact import Artifact, artifact_pipeline
 from unclip.errors import UnclipError
 from unclip.specs import DTYPES
 
@@ -107,15 +107,4 @@ class OnnxRuntimeBackend:
 
 def load_onnxruntime_pipeline(folder: str | Path, device: str = "cpu"):
     """A Pipeline over an artifact folder (made by `unclip export onnx`)."""
-    from unclip.engine.pipeline import Pipeline
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UnclipError(f"with --backend onnxruntime, --model must be an artifact folder made by "
-                          f"`unclip export onnx --out DIR`; {str(folder)!r} is not a folder")
-    artifact = load_artifact(folder)
-    backend = OnnxRuntimeBackend(artifact, device)
-    return Pipeline(backend, artifact.tokenizer, artifact.dims, artifact.schedulers,
-                    model_name=artifact.manifest["source_model"]["name"],
-                    sampler_defaults=artifact.sampler_defaults)
-
+    return artifact_pipeline(folder, "onnxruntime", lambda artifact: OnnxRuntimeBackend(artifact, device))

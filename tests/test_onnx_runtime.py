@@ -167,3 +167,15 @@ def test_model_sampler_defaults_travel_into_the_artifact(tiny_folder, tmp_path):
     export_onnx(model, tmp_path / "artifact")
     pipe = unclip.load(tmp_path / "artifact", backend="onnxruntime")
     assert pipe.settings().decoder_guidance == 2.5 and pipe.settings().prior_guidance == 4.0
+
+
+def test_sessions_do_not_spin(tiny_onnx):
+    """Spinning intra-op threads take the CPU from the sampling loop between calls and from other
+    processes (docs/cpu.md measures it); every session of the backend runs with spinning off."""
+    import unclip
+
+    pipe = unclip.load(tiny_onnx, backend="onnxruntime")
+    for session in pipe.backend.sessions.values():
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert options.inter_op_num_threads == 1

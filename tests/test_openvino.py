@@ -11,8 +11,6 @@ from tests.conftest import FAST_STEPS
 from tests.onnx_artifacts import copy_of, exported
 from unclip.errors import UnclipError
 
-pytest.importorskip("openvino", reason="needs OpenVINO (pip install 'unclip[openvino]'; the dev extra has it)")
-
 # The ONNX Runtime backend's bound for fp32 artifacts; OpenVINO fp32 measures 0 on tiny.
 FP32_TOLERANCE = 2 / 255
 # bf16 on tiny: its random weights leave nearly every pixel at the clamp (std 0.498), so the few that a

@@ -12,7 +12,7 @@ from unclip.bench.config import BenchConfig, check, parse_list, read_suite
 from unclip.errors import UnclipError
 
 D = BenchConfig  # the defaults live on the dataclass, documented there
-SETTINGS_DEFAULT = "the model's sampler_defaults.json, else"
+SETTINGS_DEFAULT = "a checkpoint's (as `unclip generate`); a preset's:"
 # what each option must be (values from a suite file arrive as JSON types, unchecked by click)
 TYPES = {"prior_steps": (int, "an integer"), "decoder_steps": (int, "an integer"),
          "super_res_steps": (int, "an integer"), "warmup": (int, "an integer"), "repeat": (int, "an integer"),

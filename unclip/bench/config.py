@@ -14,8 +14,9 @@ from pathlib import Path
 
 from unclip.errors import UnclipError
 
-# The bench's own generation settings for a model that has none (random-weight presets): reduced
-# steps (Karlo's own are 25/25/7, about 3x the time) and Karlo's guidance.
+# The bench's generation settings for a random-weight preset: reduced steps (Karlo's own 25/25/7 take
+# about 3x the time) and Karlo's guidance. A checkpoint ('demo' included) benches at the settings
+# `unclip generate` uses for it: its sampler_defaults.json, else Karlo's 25/25/7 steps, guidance 4/8.
 BENCH_SETTINGS = dict(prior_steps=8, decoder_steps=8, super_res_steps=3, prior_guidance=4.0,
                       decoder_guidance=8.0)
 
@@ -23,9 +24,9 @@ BENCH_SETTINGS = dict(prior_steps=8, decoder_steps=8, super_res_steps=3, prior_g
 @dataclass(frozen=True)
 class BenchConfig:
     """The defaults (also the CLI's). Left out: `backends` = every runner that can run here
-    (unclip.bench.runners), the generation settings = the model's own sampler_defaults.json, else
-    BENCH_SETTINGS, `evaluate` = on where the model can be scored (a shapes-world model with its CLIP
-    image tower, such as demo). `check` returns the config with all of these filled in.
+    (unclip.bench.runners); the generation settings = what `generate` uses for a checkpoint, or
+    BENCH_SETTINGS for a preset; `evaluate` = on where the model can be scored (a shapes-world
+    model with its CLIP image tower, such as demo). `check` returns the config with these filled in.
     `--model small` with the two fp32 runners of torch and onnxruntime took about 4 minutes on an
     idle 2-core CPU (10 with the CPU shared 2.5 ways): ONNX export (~1 min, then cached), cold
     starts, 1 warm-up and 5 measured repeats per runner at batch 1 and 2."""
@@ -121,10 +122,14 @@ def check(cfg: BenchConfig, known_backends: tuple[str, ...]) -> BenchConfig:
         raise UnclipError(f"--evaluate scores shapes-world images with the model's CLIP image tower; "
                           f"--model {cfg.model} has no image_encoder/ (use --model demo, or --no-evaluate)")
     given = {k: v for k, v in cfg.settings.items() if v is not None}
-    own = read_sampler_defaults(folder) if folder is not None else {}
+    if folder is None:
+        defaults = BENCH_SETTINGS
+    else:  # exactly what `unclip generate` runs for this checkpoint
+        generate = vars(GenerationSettings(**read_sampler_defaults(folder)))
+        defaults = {name: generate[name] for name in BENCH_SETTINGS}
     cfg = replace(cfg, backends=tuple(r.name for r in runners), skipped=skipped,
                   evaluate=can_evaluate(folder) if cfg.evaluate is None else cfg.evaluate,
-                  **{**BENCH_SETTINGS, **own, **given})
+                  **{**defaults, **given})
     if min(cfg.batch_sizes) < 1:
         raise UnclipError(f"--batch-sizes {list(cfg.batch_sizes)} must be positive integers, e.g. 1,2")
     if cfg.warmup < 0:

@@ -9,6 +9,7 @@ import pytest
 from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.conftest import FAST_STEPS
 from tests.onnx_artifacts import copy_of, exported
+from unclip.engine.backends.openvino_backend import HALF_NETWORKS
 from unclip.errors import UnclipError
 
 # The ONNX Runtime backend's bound for fp32 artifacts; OpenVINO fp32 measures 0 on tiny.
@@ -50,8 +51,9 @@ def test_bf16_is_bf16_and_close_to_torch(tiny_onnx, tiny_pipeline, prompts, sett
     import unclip
 
     runtime = unclip.load(tiny_onnx, backend="openvino", dtype="bf16")
-    compiled = runtime.backend.requests["decoder"].get_compiled_model()
-    assert compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.bf16
+    for name, request in runtime.backend.requests.items():  # the UNets in bf16, the rest fp32
+        hint = request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT")
+        assert hint == (openvino.Type.bf16 if name in HALF_NETWORKS else openvino.Type.f32), name
     diff = np.abs(runtime.generate(prompts, seed=5, output_type="np", **settings)
                   - tiny_pipeline.generate(prompts, seed=5, output_type="np", **settings))
     assert 0 < float(diff.mean()) <= BF16_MEAN_BOUND  # > 0: the hint took effect

@@ -4,9 +4,11 @@ The same folders as the ONNX Runtime backend (`unclip export onnx`): OpenVINO re
 itself, so there is no second export. Torch tensors go in as numpy views and the outputs come back
 as copies (an infer request reuses its output memory on the next call).
 
-Precision is one option: "fp32", or "bf16" = OpenVINO's inference-precision hint, under which its
-CPU plugin runs matrix products and convolutions in bfloat16 (accumulating in fp32) while inputs
-and outputs stay float32. bf16 is offered only where the CPU computes it natively
+Precision is one option: "fp32", or "bf16" = OpenVINO's inference-precision hint on the UNets
+(decoder, super-resolution), under which its CPU plugin runs their convolutions and matrix products
+in bfloat16 while inputs and outputs stay float32. The text encoder, prior and text_proj stay fp32:
+they are a small share of the time, and on the demo model the prior in bf16 cost accuracy for no
+measurable speed (docs/cpu.md). bf16 is offered only where the CPU computes it natively
 (OpenVINO lists BF16 among the CPU's OPTIMIZATION_CAPABILITIES: AVX512-BF16 or AMX); elsewhere
 OpenVINO would emulate it, slower than fp32, so it is refused.
 """
@@ -21,6 +23,7 @@ from unclip.engine.artifact import Artifact, artifact_pipeline
 from unclip.errors import UnclipError
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our name -> OpenVINO's INFERENCE_PRECISION_HINT
+HALF_NETWORKS = ("decoder", "super_res_first", "super_res_last")  # what "bf16" runs in bf16
 # LATENCY: one stream, all cores on one request, which is how the sampling loop calls a network.
 # Threads: OpenVINO's default (one per core). Its TBB workers sleep when idle instead of spinning,
 # so it does not fight other processes for the CPU the way a spinning OpenMP pool does (docs/cpu.md).
@@ -66,9 +69,10 @@ class OpenVinoBackend:
         self.precision = precision
         self.dims = artifact.dims
         self.specs = network_specs(artifact.dims)
-        config = {**COMPILE_CONFIG, "INFERENCE_PRECISION_HINT": PRECISIONS[precision]}
         self.requests = {}
         for name in self.specs:
+            hint = PRECISIONS[precision] if name in HALF_NETWORKS else "f32"
+            config = {**COMPILE_CONFIG, "INFERENCE_PRECISION_HINT": hint}
             path = artifact.network_path(name)
             try:
                 compiled = core.compile_model(core.read_model(str(path)), "CPU", config)

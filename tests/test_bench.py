@@ -238,6 +238,7 @@ def test_demo_is_accepted_at_its_own_defaults_and_scored():
                                 decoder_guidance=1.0)
     assert cfg.evaluate is True and list(cfg.backends) == RUNNERS
     assert "--model demo" in cfg.command() and "--decoder-guidance 1.0" in cfg.command()
+    assert cfg.prompt == "a red circle on a blue background"  # in the demo's world
     given = check(BenchConfig(model="demo", decoder_steps=4, backends=("torch",), plots=False),
                   unclip.BACKENDS)
     assert given.decoder_steps == 4 and given.backends == ("torch-fp32",)

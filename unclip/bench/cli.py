@@ -19,7 +19,7 @@ TYPES = {"prior_steps": (int, "an integer"), "decoder_steps": (int, "an integer"
          "seed": (int, "an integer"), "prior_guidance": ((float, int), "a number"),
          "decoder_guidance": ((float, int), "a number"), "model": (str, "a text"), "device": (str, "a text"),
          "prompt": (str, "a text")}
-OPTIONAL = ("prior_steps", "decoder_steps", "super_res_steps", "prior_guidance", "decoder_guidance")
+OPTIONAL = ("prompt", "prior_steps", "decoder_steps", "super_res_steps", "prior_guidance", "decoder_guidance")
 
 
 def option_names() -> set[str]:
@@ -47,7 +47,9 @@ def option_names() -> set[str]:
 @click.option("--repeat", type=int, default=D.repeat, show_default=True,
               help="measured runs per runner and batch size")
 @click.option("--seed", type=int, default=D.seed, show_default=True)
-@click.option("--prompt", default=D.prompt, show_default=True)
+@click.option("--prompt", default=None,
+              help="[default: 'a red circle on a blue background' for a shapes-world model such as demo, "
+                   "else 'a photograph of an astronaut riding a horse']")
 @click.option("--out", type=click.Path(path_type=Path), default=D.out, show_default=True,
               help="folder for results.json, results.md and the PNG plots")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=D.cache_dir, show_default=True,

@@ -78,8 +78,8 @@ def speed_and_accuracy(doc: dict) -> list[str]:
     reference = doc["runners"].get(REFERENCE, {}).get("accuracy", {}).get("summary", {})
     lines = ["## Speed and accuracy", "",
              "| runner | " + " | ".join(f"× baseline, batch {b}" for b in batches) + " | "
-             + " | ".join(f"all three, {g}" for g in groups) + " | "
-             + " | ".join(f"CLIP top-1, {g}" for g in groups) + " | cold start s |",
+             + " | ".join(f"all three, {g.replace('_', '-')}" for g in groups) + " | "
+             + " | ".join(f"CLIP top-1, {g.replace('_', '-')}" for g in groups) + " | cold start s |",
              "|---|" + "---:|" * (len(batches) + 2 * len(groups) + 1)]
     for name in runners:
         info = doc["runners"][name]

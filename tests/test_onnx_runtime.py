@@ -305,3 +305,15 @@ def test_a_runtime_file_added_after_export_must_be_listed(tiny_onnx, tmp_path):
 def test_torch_backend_on_an_artifact_folder_says_which_backend(tiny_onnx, tmp_path):
     result = run_cli("generate", "a", "--model", str(tiny_onnx), "--out", str(tmp_path / "out"))
     assert_one_line_error(result, "is an exported ONNX artifact folder", "--backend onnxruntime")
+
+
+def test_sessions_do_not_spin(tiny_onnx):
+    """Spinning intra-op threads take the CPU from the sampling loop between calls and from other
+    processes (docs/cpu.md measures it); every session of the backend runs with spinning off."""
+    import unclip
+
+    pipe = unclip.load(tiny_onnx, backend="onnxruntime")
+    for session in pipe.backend.sessions.values():
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert options.inter_op_num_threads == 1

@@ -10,7 +10,7 @@ from unclip.errors import GenerationError, UnclipError
 __version__ = "0.1.0"
 __all__ = ["GenerationError", "Limits", "UnclipError", "load", "__version__"]
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 
 
 def __getattr__(name: str):
@@ -27,10 +27,11 @@ def load(model: str | Path = "demo", backend: str = "torch", device: str = "cpu"
 
     `model` is a checkpoint folder (diffusers UnCLIPPipeline layout), "demo" (the trained model
     that ships in the package), a preset name, or already loaded UnclipComponents; with
-    backend="onnxruntime" it is an artifact folder made by `unclip export onnx`.
-    `dtype`, `cuda_graphs` and `kernels` switch on the GPU fast path of the torch backend
-    (unclip.engine.fast_path; docs/gpu.md). `limits` (unclip.Limits) bounds what one generate
-    call may ask for; the default is generous for one user (docs/validation.md).
+    backend="onnxruntime" or "openvino" it is an artifact folder made by `unclip export onnx`.
+    `dtype` is the precision: fp32, fp16/bf16 for torch on cuda, bf16 for torch or openvino on a CPU
+    with native bf16 (docs/cpu.md). `cuda_graphs` and `kernels` switch on the GPU fast path of the
+    torch backend (unclip.engine.fast_path; docs/gpu.md). `limits` (unclip.Limits) bounds what one
+    generate call may ask for; the default is generous for one user (docs/validation.md).
     """
     pipe = _load(model, backend, device, allow_pickle, dtype, cuda_graphs, kernels, limits)
     if limits is not None:  # backends that build their own Pipeline get the caller's limits here
@@ -71,6 +72,10 @@ def _load(model, backend: str, device: str, allow_pickle: bool, dtype: str, cuda
         from unclip.engine.backends.onnxruntime_backend import load_onnxruntime_pipeline
 
         return load_onnxruntime_pipeline(model, device)
+    if backend == "openvino":  # the same artifact, compiled by OpenVINO; dtype checked against the CPU there
+        from unclip.engine.backends.openvino_backend import load_openvino_pipeline
+
+        return load_openvino_pipeline(model, dtype, device)
     components = load_model(model, allow_pickle=allow_pickle)
     from unclip.engine.backends.torch_backend import TorchBackend
 
@@ -89,11 +94,20 @@ def _check_fast_path(backend: str, device: str, dtype: str, cuda_graphs: bool, k
         raise UnclipError(f"unknown --dtype {dtype!r}: choose fp32, fp16 or bf16")
     fast = [name for name, on in (("--dtype " + dtype, dtype != "fp32"), ("--cuda-graphs", cuda_graphs),
                                   ("--kernels", kernels)) if on]
+    if backend == "openvino":  # its one option is its precision, checked by the backend against the CPU
+        fast = [name for name in fast if not name.startswith("--dtype")]
     if fast and backend != "torch":
         raise UnclipError(f"{fast[0]} applies to --backend torch only; drop it or use --backend torch")
+    if backend == "torch" and dtype == "bf16" and device == "cpu":  # the CPU fast path: bf16, channels-last
+        from unclip.engine.precision import cpu_has_native_bf16
+
+        if not cpu_has_native_bf16():
+            raise UnclipError("--dtype bf16 on --device cpu needs a CPU with native bf16 (AVX512-BF16 or "
+                              "AMX); this one has none, so it would be emulated and slower: use --dtype fp32")
+        fast.remove("--dtype bf16")
     if fast and not device.startswith("cuda"):
         raise UnclipError(f"{fast[0]} is the GPU fast path and needs --device cuda; "
-                          "on CPU use --dtype fp32 without --cuda-graphs/--kernels")
+                          "on CPU use --dtype fp32 or bf16 without --cuda-graphs/--kernels")
     if kernels:
         try:
             import triton  # noqa: F401

@@ -157,11 +157,12 @@ def write_images(images: list, out: Path, metadata: list[dict[str, str]]) -> lis
 @click.argument("prompts", nargs=-1, required=True)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--backend", default="torch", show_default=True,
-              help="torch, onnxruntime (then --model is a folder made by `unclip export onnx`), or "
-                   "tensorrt (--device cuda; the folder also has `unclip export tensorrt` engines)")
+              help="torch, onnxruntime or openvino (then --model is a folder made by `unclip export onnx`), "
+                   "or tensorrt (--device cuda; the folder also has `unclip export tensorrt` engines)")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--dtype", default="fp32", show_default=True,
-              help="fp32, or fp16/bf16 on cuda (half networks, float32 scheduler)")
+              help="fp32; fp16/bf16 with --backend torch on cuda; bf16 with --backend torch or openvino on a "
+                   "CPU with native bf16 (half networks, float32 scheduler; docs/cpu.md)")
 @click.option("--cuda-graphs", is_flag=True, help="cuda: replay each stage's loop as one captured CUDA graph")
 @click.option("--kernels", is_flag=True, help="cuda: fused Triton kernels (GroupNorm+SiLU, guidance step)")
 @click.option("--seed", type=int, default=0, show_default=True,

@@ -1,8 +1,8 @@
 """Backends that serve an exported artifact get one, built once into a cache folder.
 
 A backend plugs into the bench by its `unclip.load` name. If it loads from an export (ONNX
-Runtime from an ONNX folder), `EXPORTERS` names the function that makes that folder from a
-model; the bench then passes the folder to `unclip.load` instead of the model.
+Runtime and OpenVINO from the same ONNX folder), `EXPORTERS` names the function that makes that
+folder from a model; the bench then passes the folder to `unclip.load` instead of the model.
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ def _export_onnx(model: str, out: Path) -> None:
     export_onnx(model, out, precision="fp32", batch_sizes=(1,), seed=0)
 
 
-EXPORTERS = {"onnxruntime": ("onnx-fp32", _export_onnx)}
+EXPORTERS = {"onnxruntime": ("onnx-fp32", _export_onnx), "openvino": ("onnx-fp32", _export_onnx)}
 
 
 def cache_key(model: str) -> str:
     """A preset is its name (weights are seeded); a folder is its path and newest file time."""
-    path = Path(model)
-    if not path.exists() and model in PRESETS:
+    from unclip.models import resolve_model_path
+
+    if not Path(model).exists() and model in PRESETS:
         return f"preset-{model}-seed0"
+    path = resolve_model_path(model)  # 'demo' is the folder shipped in the package
     newest = max((f.stat().st_mtime_ns for f in path.rglob("*") if f.is_file()), default=0)
     digest = hashlib.sha256(f"{path.resolve()}:{newest}".encode()).hexdigest()[:16]
     return f"{path.name}-{digest}"

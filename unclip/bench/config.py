@@ -9,55 +9,88 @@ from __future__ import annotations
 import json
 import math
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from unclip.errors import UnclipError
 
+# The bench's generation settings for a random-weight preset: reduced steps (Karlo's own 25/25/7 take
+# about 3x the time) and Karlo's guidance. A checkpoint ('demo' included) benches at the settings
+# `unclip generate` uses for it: its sampler_defaults.json, else Karlo's 25/25/7 steps, guidance 4/8.
+BENCH_SETTINGS = dict(prior_steps=8, decoder_steps=8, super_res_steps=3, prior_guidance=4.0,
+                      decoder_guidance=8.0)
+
+
+KARLO_PROMPT = "a photograph of an astronaut riding a horse"
+# a shapes-world model (the demo) draws only its world: out of it, its sampling is chaotic and a
+# first-image comparison says little (bf16 moved an astronaut image by 55 levels, a red circle by 0.3)
+SHAPES_PROMPT = "a red circle on a blue background"
+
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """The defaults (also the CLI's) fit `--model small --backends torch,onnxruntime` on an idle
-    2-core CPU in about 4 minutes (10 with the CPU shared 2.5 ways): ONNX export (~1 min, then
-    cached), three cold starts, 1 warm-up and 5 measured repeats of baseline + 2 backends at
-    batch 1 and 2, at reduced steps (8/8/3; Karlo's own are 25/25/7)."""
+    """The defaults (also the CLI's). Left out: `backends` = every runner that can run here
+    (unclip.bench.runners); the generation settings = what `generate` uses for a checkpoint, or
+    BENCH_SETTINGS for a preset; `evaluate` = on where the model can be scored (a shapes-world
+    model with its CLIP image tower, such as demo). `check` returns the config with these filled in.
+    `--model small` with the two fp32 runners of torch and onnxruntime took about 4 minutes on an
+    idle 2-core CPU (10 with the CPU shared 2.5 ways): ONNX export (~1 min, then cached), cold
+    starts, 1 warm-up and 5 measured repeats per runner at batch 1 and 2."""
 
     model: str = "small"
-    backends: tuple[str, ...] = ("torch",)
+    backends: tuple[str, ...] | None = None
     device: str = "cpu"
     batch_sizes: tuple[int, ...] = (1, 2)
-    prior_steps: int = 8
-    decoder_steps: int = 8
-    super_res_steps: int = 3
-    prior_guidance: float = 4.0
-    decoder_guidance: float = 8.0
+    prior_steps: int | None = None
+    decoder_steps: int | None = None
+    super_res_steps: int | None = None
+    prior_guidance: float | None = None
+    decoder_guidance: float | None = None
     warmup: int = 1
     repeat: int = 5
     seed: int = 0
-    prompt: str = "a photograph of an astronaut riding a horse"
+    prompt: str | None = None  # None: KARLO_PROMPT, or SHAPES_PROMPT for a model that can be scored
     out: Path = Path("unclip-out/bench")
     cache_dir: Path = Path.home() / ".cache" / "unclip" / "bench"
     plots: bool = True
     suite: str | None = None
+    evaluate: bool | None = None
+    skipped: dict = field(default_factory=dict)  # default runners that cannot run here -> why
 
     @property
     def settings(self) -> dict:
-        """The generation settings both the baseline and every backend get."""
-        return dict(prior_steps=self.prior_steps, decoder_steps=self.decoder_steps,
-                    super_res_steps=self.super_res_steps, prior_guidance=self.prior_guidance,
-                    decoder_guidance=self.decoder_guidance)
+        """The generation settings both the baseline and every runner get."""
+        return {name: getattr(self, name) for name in BENCH_SETTINGS}
 
     def command(self) -> str:
         """The full command that repeats this run (every option spelled out)."""
-        args = ["unclip", "bench", "--model", self.model, "--backends", ",".join(self.backends),
-                "--device", self.device, "--batch-sizes", ",".join(map(str, self.batch_sizes)),
-                "--prior-steps", str(self.prior_steps), "--decoder-steps", str(self.decoder_steps),
-                "--super-res-steps", str(self.super_res_steps),
-                "--prior-guidance", str(self.prior_guidance),
-                "--decoder-guidance", str(self.decoder_guidance), "--warmup", str(self.warmup),
-                "--repeat", str(self.repeat), "--seed", str(self.seed), "--prompt", self.prompt,
-                "--out", str(self.out)]
+        args = ["unclip", "bench", "--model", self.model, "--backends", ",".join(self.backends or ()),
+                "--device", self.device, "--batch-sizes", ",".join(map(str, self.batch_sizes))]
+        for name, value in self.settings.items():
+            args += [f"--{name.replace('_', '-')}", str(value)]
+        args += ["--warmup", str(self.warmup), "--repeat", str(self.repeat), "--seed", str(self.seed),
+                 "--prompt", self.prompt, "--out", str(self.out),
+                 "--evaluate" if self.evaluate else "--no-evaluate"]
         return shlex.join(args + ([] if self.plots else ["--no-plots"]))
+
+
+def model_folder(model: str) -> Path | None:
+    """The checkpoint folder of `model` ('demo' included); None for a preset name."""
+    from unclip.models import resolve_model_path
+    from unclip.models.presets import PRESETS
+
+    if not Path(model).exists() and model in PRESETS:
+        return None
+    try:
+        return resolve_model_path(model)
+    except UnclipError:
+        raise UnclipError(f"--model {model!r} is neither an existing folder nor a preset "
+                          f"({', '.join(PRESETS)}) nor 'demo'") from None
+
+
+def can_evaluate(folder: Path | None) -> bool:
+    """The scorer reads shapes-world images and needs the model's CLIP image tower."""
+    return folder is not None and (folder / "image_encoder").is_dir()
 
 
 def parse_list(option: str, text: str, item=str) -> tuple:
@@ -74,16 +107,11 @@ def parse_list(option: str, text: str, item=str) -> tuple:
 
 
 def check(cfg: BenchConfig, known_backends: tuple[str, ...]) -> BenchConfig:
-    """User input, checked before anything is loaded."""
-    from unclip.engine.pipeline import GenerationSettings
-    from unclip.models.presets import PRESETS
+    """User input, checked before anything is loaded; returns the config with its defaults filled in."""
+    from unclip.bench.runners import check_runners, default_runners
+    from unclip.engine.pipeline import GenerationSettings, read_sampler_defaults
 
-    for b in cfg.backends:
-        if b not in known_backends:
-            raise UnclipError(f"--backends: unknown backend {b!r}; choose from {', '.join(known_backends)}")
-    if not Path(cfg.model).exists() and cfg.model not in PRESETS:
-        raise UnclipError(f"--model {cfg.model!r} is neither an existing folder nor a preset "
-                          f"({', '.join(PRESETS)})")
+    folder = model_folder(cfg.model)
     if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
         raise UnclipError(f"--device {cfg.device!r} is unknown: use cpu or cuda")
     if cfg.device.startswith("cuda"):
@@ -92,6 +120,24 @@ def check(cfg: BenchConfig, known_backends: tuple[str, ...]) -> BenchConfig:
         if not torch.cuda.is_available():
             raise UnclipError("--device cuda was asked for but this torch build sees no CUDA GPU; "
                               "use --device cpu")
+    if cfg.backends is None:
+        runners, skipped = default_runners(cfg.device, known_backends)
+    else:
+        runners, skipped = check_runners(cfg.backends, cfg.device, known_backends), {}
+    if cfg.evaluate and not can_evaluate(folder):
+        raise UnclipError(f"--evaluate scores shapes-world images with the model's CLIP image tower; "
+                          f"--model {cfg.model} has no image_encoder/ (use --model demo, or --no-evaluate)")
+    given = {k: v for k, v in cfg.settings.items() if v is not None}
+    if folder is None:
+        defaults = BENCH_SETTINGS
+    else:  # exactly what `unclip generate` runs for this checkpoint
+        generate = vars(GenerationSettings(**read_sampler_defaults(folder)))
+        defaults = {name: generate[name] for name in BENCH_SETTINGS}
+    if cfg.prompt is None:
+        cfg = replace(cfg, prompt=SHAPES_PROMPT if can_evaluate(folder) else KARLO_PROMPT)
+    cfg = replace(cfg, backends=tuple(r.name for r in runners), skipped=skipped,
+                  evaluate=can_evaluate(folder) if cfg.evaluate is None else cfg.evaluate,
+                  **{**defaults, **given})
     if min(cfg.batch_sizes) < 1:
         raise UnclipError(f"--batch-sizes {list(cfg.batch_sizes)} must be positive integers, e.g. 1,2")
     if cfg.warmup < 0:

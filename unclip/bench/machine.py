@@ -41,6 +41,7 @@ def versions() -> dict[str, str | None]:
         "diffusers": _version("diffusers"),
         "transformers": _version("transformers"),
         "onnxruntime": _version("onnxruntime", "onnxruntime-gpu"),
+        "openvino": _version("openvino"),
         "tensorrt": _version("tensorrt", "tensorrt-cu12", "tensorrt-cu11"),
         "numpy": _version("numpy"),
     }

@@ -3,9 +3,10 @@
 Order of work: export what needs exporting; start one worker process per runner, one at a
 time, each timed from process start to its first image (cold start); time a large matmul;
 then per batch size: reset the peak-memory marks, warm up, and measure in rounds of
-(baseline, backend 1, backend 2, ...) so that slow drift of the machine (other load, heat)
-hits every runner alike. results.json and results.md are rewritten after every measured run,
-so Ctrl-C leaves what was measured so far.
+(baseline, runner 1, runner 2, ...) so that slow drift of the machine (other load, heat)
+hits every runner alike; last, where the model can be scored, each runner's accuracy on the
+evaluation prompts, one runner at a time. results.json and results.md are rewritten after every
+measured run, so Ctrl-C leaves what was measured so far.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from unclip.bench.config import BenchConfig
 from unclip.bench.machine import machine, versions
 from unclip.bench.plots import PLOTS
 from unclip.bench.results import Results, now
+from unclip.bench.runners import parse_runner
 from unclip.bench.worker import BASELINE
 from unclip.errors import UnclipError
 
@@ -99,17 +101,25 @@ def _count_flops(results: Results, baseline: Worker) -> None:
 
 def run_suite(cfg: BenchConfig, argv: list[str], progress: bool = True) -> Results:
     """Measure and write `cfg.out`/results.json, results.md (and plots); returns the results."""
+    import unclip
+    from unclip.bench.config import model_folder
     from unclip.bench.report import write_outputs
 
     runners = [BASELINE, *cfg.backends]
+    specs = {name: parse_runner(name, unclip.BACKENDS) for name in cfg.backends}
+    folder = model_folder(cfg.model)
     header = {"started": now(), "command": cfg.command(), "argv": argv, "suite": cfg.suite,
               "machine": machine(cfg.device), "versions": versions(),
-              "settings": {"model": cfg.model, "device": cfg.device, "dtype": "float32",
+              "settings": {"model": cfg.model, "device": cfg.device,
+                           "dtype": "per runner (its name); the baseline float32",
                            "batch_sizes": list(cfg.batch_sizes), **cfg.settings, "warmup": cfg.warmup,
-                           "repeat": cfg.repeat, "seed": cfg.seed, "prompt": cfg.prompt}}
+                           "repeat": cfg.repeat, "seed": cfg.seed, "prompt": cfg.prompt,
+                           "evaluate": cfg.evaluate},
+              "runners_skipped": cfg.skipped}
     results = Results(header, BASELINE, list(cfg.backends), list(cfg.batch_sizes))
     workers: dict[str, Worker] = {}
-    total = len(runners) * (1 + len(cfg.batch_sizes) * (cfg.warmup + cfg.repeat))
+    total = len(runners) * (1 + len(cfg.batch_sizes) * (cfg.warmup + cfg.repeat)) + (
+        len(cfg.backends) if cfg.evaluate else 0)
     # this run's (empty) results replace any earlier run's at once: a Ctrl-C never leaves stale ones
     for name in PLOTS:
         (cfg.out / name).unlink(missing_ok=True)
@@ -118,9 +128,10 @@ def run_suite(cfg: BenchConfig, argv: list[str], progress: bool = True) -> Resul
     try:
         models = {}
         for name in runners:
+            backend = BASELINE if name == BASELINE else specs[name].backend
             if name != BASELINE:
-                bar.set_postfix_str(f"exporting for {name}" if name in artifacts.EXPORTERS else "")
-            model, export_s, cached = artifacts.prepare(name, cfg.model, cfg.cache_dir)
+                bar.set_postfix_str(f"exporting for {name}" if backend in artifacts.EXPORTERS else "")
+            model, export_s, cached = artifacts.prepare(backend, cfg.model, cfg.cache_dir)
             models[name] = model
             results.runners[name] = {"model": model, "export_s": export_s, "export_cached": cached}
         first_images = {}
@@ -128,6 +139,8 @@ def run_suite(cfg: BenchConfig, argv: list[str], progress: bool = True) -> Resul
             bar.set_postfix_str(f"cold start {name}")
             spec = {"runner": name, "model": models[name], "device": cfg.device, "settings": cfg.settings,
                     "prompt": cfg.prompt, "seed": cfg.seed}
+            if name != BASELINE:
+                spec.update(backend=specs[name].backend, dtype=specs[name].dtype)
             t0 = time.perf_counter()
             workers[name] = Worker(name, spec)
             reply = workers[name].call("cold_start")
@@ -163,6 +176,14 @@ def run_suite(cfg: BenchConfig, argv: list[str], progress: bool = True) -> Resul
                     write_outputs(results, cfg.out, plots=False)
             for name in runners:
                 results.memory[(name, batch)] = workers[name].call("memory")
+        if cfg.evaluate:  # one runner at a time, after the timed rounds: same prompts and seeds for each
+            for name in cfg.backends:
+                bar.set_postfix_str(f"evaluating {name}")
+                t0 = time.perf_counter()
+                reply = workers[name].call("evaluate", model_folder=str(folder))
+                results.runners[name]["accuracy"] = {**reply, "evaluation_s": time.perf_counter() - t0}
+                write_outputs(results, cfg.out, plots=False)
+                bar.update()
         results.status = "complete"
     except KeyboardInterrupt:
         results.status = "interrupted"

@@ -48,7 +48,9 @@ class Runner:
         else:
             import unclip
 
-            self.pipe = unclip.load(self.spec["model"], backend=self.kind, device=self.spec["device"])
+            dtype = self.spec["dtype"] or "fp32"  # None: the artifact's own precision (TensorRT)
+            self.pipe = unclip.load(self.spec["model"], backend=self.spec["backend"],
+                                    device=self.spec["device"], dtype=dtype)
             self.pipe.backend = TimedBackend(self.pipe.backend, self.timeline)
 
     def generate(self, batch: int) -> list:
@@ -120,6 +122,15 @@ class Runner:
             out.append([network, rows, count_flops(modules[network], inputs)])
         self.timeline.start()  # the counting calls went through the hooks; drop them
         return {"flops": out}
+
+    def cmd_evaluate(self, model_folder: str) -> dict:
+        """`unclip evaluate`'s prompts, seeds and image counts, run by this runner at the bench's settings;
+        the summary per prompt group (the per-image detail stays here)."""
+        from unclip.models.evaluation import evaluate_pipeline
+
+        result = evaluate_pipeline(self.pipe, model_folder, **self.settings)
+        return {"summary": result["summary"], "images_per_prompt": result["images_per_prompt"],
+                "seed": result["seed"], "settings": result["settings"]}
 
     def cmd_matmul_peak(self) -> dict:
         return matmul_peak_tflops(self.device)

@@ -172,3 +172,19 @@ def _constants(path: Path, dims: ModelDims) -> dict[str, torch.Tensor]:
             raise UnclipError(f"{path} must hold {name}, {dims.clip_dim} finite numbers (the prior's CLIP "
                               f"statistics); {layout.REEXPORT_HINT}")
     return constants
+
+
+def artifact_pipeline(folder: str | Path, backend: str, make_backend, stage_runner=None):
+    """A Pipeline over an artifact folder, its networks run by `make_backend(artifact)`: what every
+    backend that serves an export (onnxruntime, openvino) shares."""
+    from unclip.engine.pipeline import Pipeline
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UnclipError(f"with --backend {backend}, --model must be an artifact folder made by "
+                          f"`unclip export onnx --out DIR`; {str(folder)!r} is not a folder")
+    artifact = load_artifact(folder)
+    runtime = make_backend(artifact)
+    return Pipeline(runtime, artifact.tokenizer, artifact.dims, artifact.schedulers,
+                    model_name=artifact.manifest["source_model"]["name"], stage_runner=stage_runner,
+                    sampler_defaults=artifact.sampler_defaults)

@@ -1,6 +1,7 @@
-"""The GPU fast path, assembled in one place from three named options (`unclip.load`).
+"""The fast path of the torch backend, assembled in one place from three named options (`unclip.load`).
 
-  dtype="fp16"|"bf16"  PrecisionBackend: half weights and activations, float32 scheduler (precision.py)
+  dtype="fp16"|"bf16"  PrecisionBackend: half weights and activations, float32 scheduler (precision.py);
+                       on CPU only bf16, with the UNets in channels-last memory format
   cuda_graphs=True     each stage's whole loop captured once as a CUDA graph and replayed (cuda_graphs.py)
   kernels=True         Triton: GroupNorm+SiLU in the UNets, guidance+scheduler+noise in one step kernel
                        (unclip/kernels/)
@@ -17,7 +18,8 @@ UNETS = ("decoder", "super_res_first", "super_res_last")  # the networks built o
 def fast_path(backend, dtype: str, cuda_graphs: bool, kernels: bool):
     """(backend, stage runner or None) for a TorchBackend; options are checked by the caller."""
     if dtype != "fp32":
-        backend = PrecisionBackend(backend, dtype)
+        channels_last = UNETS if backend.device.type == "cpu" else ()  # measured on CPU only (docs/cpu.md)
+        backend = PrecisionBackend(backend, dtype, channels_last=channels_last)
     if kernels:
         from unclip.kernels.group_norm_silu import fuse_group_norm_silu
 

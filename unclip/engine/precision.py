@@ -1,4 +1,4 @@
-"""The half-precision policy of the torch path (`--dtype fp16|bf16`).
+"""The half-precision policy of the torch path (`--dtype fp16|bf16` on cuda, `--dtype bf16` on cpu).
 
 * Weights and activations in half: every network is cast once at load time.
 * float32 where accuracy needs it: latents, the guidance combine and all scheduler arithmetic
@@ -7,8 +7,10 @@
   GroupNorm/LayerNorm kernels for half inputs (and inside our fused GroupNorm+SiLU kernel).
 * Attention through PyTorch's scaled-dot-product attention (diffusers' AttnProcessor2_0 /
   AttnAddedKVProcessor2_0; recent diffusers pick them already, `use_sdpa` makes it certain).
-* Channels-last memory format is off: it is only to be switched on where it measures faster,
-  and it has not been measured on a GPU yet.
+* Channels-last memory format for the UNets on CPU (oneDNN's bf16 convolutions are NHWC-native;
+  measured in docs/cpu.md); off on GPU, where it has not been measured yet.
+* bf16 on CPU only where the CPU computes it natively (AVX512-BF16 or AMX); elsewhere torch
+  emulates it, slower than fp32, and `unclip.load` refuses it.
 """
 
 from __future__ import annotations
@@ -41,36 +43,50 @@ def use_sdpa(model: torch.nn.Module) -> int:
     return changed
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX, as torch's CPU feature probe reports them (absent probes: no)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 class PrecisionBackend:
     """A torch backend with its networks in `dtype`: inputs cast in, outputs read back as float32.
 
     `run_native` leaves outputs in the network dtype, for the fused step kernel that reads half
-    directly (saves one cast kernel per step).
+    directly (saves one cast kernel per step). Networks named in `channels_last` get their
+    weights, and their 4-D inputs, in channels-last memory format.
     """
 
     name = "torch"
 
-    def __init__(self, backend, precision: str):
+    def __init__(self, backend, precision: str, channels_last: tuple[str, ...] = ()):
         self._backend = backend
         self.precision = precision
         self.dtype = DTYPES[precision]
         self.device = backend.device
         self.specs = backend.specs
         self.networks = backend.networks
-        for network in self.networks.values():
+        self.channels_last = channels_last
+        for name, network in self.networks.items():
             network.to(self.dtype)
+            if name in channels_last:
+                network.to(memory_format=torch.channels_last)  # 4-D weights only
             use_sdpa(network)
         # the prior's CLIP statistics de-normalise float32 latents
         self._constants = {k: v.float() for k, v in backend.constants().items()}
 
-    def _cast(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _cast(self, inputs: dict[str, torch.Tensor], channels_last: bool) -> dict[str, torch.Tensor]:
         # timesteps stay float32: bf16 cannot hold 999 exactly, and the networks' sinusoidal
         # time projections compute in float32 anyway
-        return {k: v.to(self.dtype) if v.is_floating_point() and k != "timestep" else v
-                for k, v in inputs.items()}
+        out = {k: v.to(self.dtype) if v.is_floating_point() and k != "timestep" else v
+               for k, v in inputs.items()}
+        if channels_last:
+            out = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                   for k, v in out.items()}
+        return out
 
     def run_native(self, network: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._backend.run(network, **self._cast(inputs))
+        return self._backend.run(network, **self._cast(inputs, network in self.channels_last))
 
     def run(self, network: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: v.float() if v.is_floating_point() else v

@@ -77,8 +77,18 @@ def evaluate(model: str | Path, trained: int = 24, held_out: int = len(HELD_OUT)
     from unclip.models import resolve_model_path
 
     folder = resolve_model_path(model)
-    pipe = unclip.load(folder)
-    components = pipe.backend.components
+    return evaluate_pipeline(unclip.load(folder), folder, trained, held_out, images_per_prompt, seed,
+                             progress, **settings)
+
+
+def evaluate_pipeline(pipe, model_folder: str | Path, trained: int = 24, held_out: int = len(HELD_OUT),
+                      images_per_prompt: int = 4, seed: int = 0, progress: bool = False, **settings) -> dict:
+    """`evaluate` for an already loaded pipeline of any backend (`unclip bench` scores each runner):
+    the scorer's CLIP towers come from `model_folder`, the checkpoint the pipeline was made from."""
+    from unclip.models import load_model
+
+    folder = Path(model_folder)
+    components = getattr(pipe.backend, "components", None) or load_model(folder)
     scorer = ClipScorer(folder, components.text_encoder, components.tokenizer)
     from tqdm.auto import tqdm
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from unclip.engine.artifact import Artifact, load_artifact
+from unclip.engine.artifact import Artifact, artifact_pipeline
 from unclip.errors import UnclipError
 from unclip.specs import DTYPES
 
@@ -27,6 +27,7 @@ NUMPY = {name: torch.empty(0, dtype=dtype).numpy().dtype for name, dtype in DTYP
 # machine crowded by other jobs favoured one thread. Inter-op parallelism: these graphs are one path.
 INTRA_OP_THREADS = 0  # 0 = ORT's default
 GRAPH_OPTIMIZATION = "ORT_ENABLE_ALL"
+ALLOW_SPINNING = False  # see docs/cpu.md: measured below
 
 
 def session_options():
@@ -37,6 +38,7 @@ def session_options():
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if ALLOW_SPINNING else "0")
     options.log_severity_level = 3  # ORT's warnings about unused initialisers are not the user's problem
     return options
 
@@ -107,15 +109,4 @@ class OnnxRuntimeBackend:
 
 def load_onnxruntime_pipeline(folder: str | Path, device: str = "cpu"):
     """A Pipeline over an artifact folder (made by `unclip export onnx`)."""
-    from unclip.engine.pipeline import Pipeline
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UnclipError(f"with --backend onnxruntime, --model must be an artifact folder made by "
-                          f"`unclip export onnx --out DIR`; {str(folder)!r} is not a folder")
-    artifact = load_artifact(folder)
-    backend = OnnxRuntimeBackend(artifact, device)
-    return Pipeline(backend, artifact.tokenizer, artifact.dims, artifact.schedulers,
-                    model_name=artifact.manifest["source_model"]["name"],
-                    sampler_defaults=artifact.sampler_defaults)
-
+    return artifact_pipeline(folder, "onnxruntime", lambda artifact: OnnxRuntimeBackend(artifact, device))

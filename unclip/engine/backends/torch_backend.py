@@ -1,9 +1,14 @@
-"""The PyTorch backend: the reference, eager networks on any torch device."""
+"""The PyTorch backend: the reference, eager networks on any torch device.
+
+On a CPU its thread count follows the machine's load (unclip.engine.cpu_threads): torch's spinning
+OpenMP threads collapse when another process holds a core.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from unclip.engine.cpu_threads import CpuThreadPolicy
 from unclip.models.components import UnclipComponents
 from unclip.models.networks import adapters, model_dims
 from unclip.specs import network_specs
@@ -21,9 +26,12 @@ class TorchBackend:
         prior = components.prior
         self._constants = {"clip_mean": prior.clip_mean.detach().to(self.device),
                            "clip_std": prior.clip_std.detach().to(self.device)}
+        self.threads = CpuThreadPolicy() if self.device.type == "cpu" else None
 
     def run(self, network: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         spec = self.specs[network]
+        if self.threads is not None:
+            self.threads.update()
         with torch.inference_mode():
             out = self.networks[network](*(inputs[name] for name in spec.input_names))
         outputs = out if isinstance(out, tuple) else (out,)

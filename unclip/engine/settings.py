@@ -93,6 +93,9 @@ class Limits:
     max_steps: Annotated[int, Field(ge=2, le=TRAIN_TIMESTEPS)] = TRAIN_TIMESTEPS  # per stage
     max_guidance: Annotated[float, Field(ge=1.0, allow_inf_nan=False)] = 50.0
     max_prompt_chars: Count = 1000  # CLIP reads 77 tokens, about 300 characters of English
+    # per input image (variations, interpolations, text diffs), checked from the file's header before
+    # decoding: a PNG of a few KB can declare a 100000 x 100000 image, 30 GB once decoded
+    max_image_pixels: Count = 4096 * 4096
 
     _check = _one_line("Limits: ")
 
@@ -120,6 +123,8 @@ class Limits:
 def check_schedules(s: GenerationSettings, schedulers: dict) -> None:
     """More steps than a schedule has timesteps would repeat timesteps (a zero-width step)."""
     for stage in ("prior", "decoder", "super_res"):
+        if f"{stage}_scheduler" not in schedulers:  # a variation-only model has no prior
+            continue
         steps, timesteps = getattr(s, f"{stage}_steps"), schedulers[f"{stage}_scheduler"].num_train_timesteps
         if steps > timesteps:
             raise UnclipError(f"{stage}_steps {steps} is more than this model's {stage} schedule has "

@@ -150,4 +150,4 @@ def load_tensorrt_pipeline(folder: str | Path, device: str = "cuda", cuda_graphs
         runner = StageRunner(backend, capture=True, kernels=False)
     return Pipeline(backend, artifact.tokenizer, artifact.dims, artifact.schedulers,
                     model_name=artifact.manifest["source_model"]["name"], stage_runner=runner,
-                    sampler_defaults=artifact.sampler_defaults)
+                    sampler_defaults=artifact.sampler_defaults, image_preprocess=artifact.image_preprocess)

@@ -37,6 +37,7 @@ def load(model: str | Path = "demo", backend: str = "torch", device: str = "cpu"
     if limits is not None:  # backends that build their own Pipeline get the caller's limits here
         pipe.limits = limits
         pipe.settings()  # the model's own defaults must fit them: say so now, not at the first call
+        pipe.image_settings()
     return pipe
 
 

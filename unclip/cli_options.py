@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from unclip.engine.settings import GenerationSettings, Limits, read_sampler_defaults
+from unclip.engine.settings import IMAGE_CONDITIONED, GenerationSettings, Limits, read_sampler_defaults
 from unclip.models import DEFAULT_MODEL, DEMO_FOLDER
 
 MODEL_HELP = ("demo (the trained model shipped in the package), a checkpoint folder (diffusers "
@@ -16,12 +16,14 @@ LIMITS = Limits()  # the CLI runs with the default limits (docs/validation.md)
 SETTINGS = ("prior_steps", "decoder_steps", "super_res_steps", "prior_guidance", "decoder_guidance")
 
 
-def _setting_help(field: str) -> str:
-    """The range, and the value the default model runs with (its sampler_defaults.json, if any)."""
+def _setting_help(field: str, image: bool = False) -> str:
+    """The range, and the value the default model runs with (its sampler_defaults.json, if any; for
+    the image commands, its image_conditioned section first)."""
     allowed = (f"2..{LIMITS.max_steps}" if field.endswith("steps")
                else f"1.0 (unguided) .. {LIMITS.max_guidance:g}")
     engine = getattr(GenerationSettings(), field)
-    demo = read_sampler_defaults(DEMO_FOLDER).get(field) if DEMO_FOLDER.is_dir() else None
+    file = read_sampler_defaults(DEMO_FOLDER) if DEMO_FOLDER.is_dir() else {}
+    demo = {**file, **(file.get(IMAGE_CONDITIONED, {}) if image else {})}.get(field)
     if demo is None or DEFAULT_MODEL != "demo":
         return f"{allowed}  [default: {engine}; a model's sampler_defaults.json may set its own]"
     return f"{allowed}  [default: {demo} for demo (its sampler_defaults.json); {engine} without one]"
@@ -59,13 +61,14 @@ def seed_option(f):
                              "images")(f)
 
 
-def sampler_options(stages: tuple[str, ...] = ("prior", "decoder", "super_res")):
-    """--{stage}-steps and --{stage}-guidance (super-resolution is unguided) for the stages a command runs."""
+def sampler_options(stages: tuple[str, ...] = ("prior", "decoder", "super_res"), image: bool = False):
+    """--{stage}-steps and --{stage}-guidance (super-resolution is unguided) for the stages a command
+    runs; `image`: an image command's defaults (the model's image_conditioned section)."""
     def decorate(f):
         options = [click.option(f"--{stage.replace('_', '-')}-steps", type=int, default=None,
-                                help=_setting_help(f"{stage}_steps")) for stage in stages]
+                                help=_setting_help(f"{stage}_steps", image)) for stage in stages]
         options += [click.option(f"--{stage}-guidance", type=float, default=None,
-                                 help=_setting_help(f"{stage}_guidance"))
+                                 help=_setting_help(f"{stage}_guidance", image))
                     for stage in stages if stage != "super_res"]
         return _apply(options, f)
     return decorate

@@ -49,7 +49,7 @@ def prepare(out: Path, seed: int) -> None:
 @seed_option
 @click.option("--num-images", type=int, default=1, show_default=True,
               help=f"variations per image (at most {LIMITS.max_images} per call: images x num-images)")
-@sampler_options(("decoder", "super_res"))
+@sampler_options(("decoder", "super_res"), image=True)
 @out_option
 @allow_pickle_option
 def vary(images: tuple[str, ...], seed: int, num_images: int, out: Path, **options) -> None:
@@ -63,7 +63,7 @@ def vary(images: tuple[str, ...], seed: int, num_images: int, out: Path, **optio
     prepare(out, seed)
     decoded = read_images(list(images))
     pipe = load_pipeline(options)
-    s = pipe.settings(**given)
+    s = pipe.image_settings(**given)
     results = pipe.vary(decoded, seed=seed, progress=True, **vars(s))
     run = run_metadata(s, seed, options["model"], prior=False)
     metadata = [{"mode": "variation", "source": source, "image_index": str(k), **run}
@@ -87,7 +87,7 @@ def endpoint(text: str):
               help=f"images from A to B, both included (2..{LIMITS.max_images})")
 @model_options
 @seed_option
-@sampler_options()
+@sampler_options(image=True)
 @out_option
 @allow_pickle_option
 def interpolate(a: str, b: str, frames: int, seed: int, out: Path, **options) -> None:
@@ -99,7 +99,7 @@ def interpolate(a: str, b: str, frames: int, seed: int, out: Path, **options) ->
     prepare(out, seed)
     ends = [endpoint(a), endpoint(b)]
     pipe = load_pipeline(options)
-    s = pipe.settings(**given)
+    s = pipe.image_settings(**given)
     results = pipe.interpolate(*ends, frames, seed=seed, progress=True, **vars(s))
     prior = any(isinstance(x, str) for x in ends)
     sequence = {"mode": "interpolation", "a": a, "b": b, **run_metadata(s, seed, options["model"], prior)}
@@ -127,7 +127,7 @@ def parse_amounts(text: str) -> list[float]:
               help="how far to move, one image each: 0 is IMAGE's embedding, 1 the whole caption difference")
 @model_options
 @seed_option
-@sampler_options(("decoder", "super_res"))
+@sampler_options(("decoder", "super_res"), image=True)
 @out_option
 @allow_pickle_option
 def textdiff(image: str, from_text: str, to_text: str, amounts: str, seed: int, out: Path, **options) -> None:
@@ -141,7 +141,7 @@ def textdiff(image: str, from_text: str, to_text: str, amounts: str, seed: int, 
     prepare(out, seed)
     [decoded] = read_images([image])
     pipe = load_pipeline(options)
-    s = pipe.settings(**given)
+    s = pipe.image_settings(**given)
     results = pipe.text_diff(decoded, *captions, steps, seed=seed, progress=True, **vars(s))
     sequence = {"mode": "text diff", "source": image, "from": captions[0], "to": captions[1],
                 **run_metadata(s, seed, options["model"], prior=False)}

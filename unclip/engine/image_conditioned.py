@@ -34,7 +34,7 @@ DEFAULT_AMOUNTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 def vary(pipe, images, *, seed: int, generator, output_type: str, progress: bool, **settings):
     images = as_image_list(images)
-    s = pipe.settings(**settings)
+    s = pipe.image_settings(**settings)
     check_input_count(pipe.limits, len(images))
     pipe.limits.check_images(len(images), s.num_images)
     check_output_type(output_type)
@@ -147,7 +147,7 @@ def preprocess(pipe, images: list, what: str) -> torch.Tensor:
 
 
 def one_image_per_row(pipe, settings: dict, why: str):
-    s = pipe.settings(**settings)
+    s = pipe.image_settings(**settings)
     if s.num_images != 1:
         raise UnclipError(f"num_images {s.num_images}: {why}; drop num_images (use a seed per run for other "
                           "noise)", param="num_images")

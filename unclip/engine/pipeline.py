@@ -23,6 +23,7 @@ from unclip.engine.batch import Batch, Request, take_rows
 from unclip.engine.image_input import ImagePreprocess
 from unclip.engine.scheduler import SchedulerConfig, StepTable, scheduler_step, step_table
 from unclip.engine.settings import (  # noqa: F401 (their home before engine.settings; kept importable)
+    IMAGE_CONDITIONED,
     SAMPLER_DEFAULTS,
     TUNABLE,
     GenerationSettings,
@@ -82,12 +83,16 @@ class Pipeline:
                  stage_runner=None, sampler_defaults: dict | None = None, limits: Limits | None = None,
                  image_preprocess: ImagePreprocess | None = None):
         self.backend = backend
-        # how images reach the image encoder (None: the model has none; engine.image_input)
-        self.image_preprocess = image_preprocess if "image_encoder" in backend.specs else None
-        # what generate() uses for settings the caller leaves out: the model's, then Karlo's
-        self.defaults = GenerationSettings(**(sampler_defaults or {}))
+        self.image_preprocess = image_preprocess  # how images reach the image encoder (None: it has none)
+        # what generate() uses for settings the caller leaves out: the model's, then Karlo's; and
+        # vary/interpolate/text_diff: the model's image_conditioned section over those
+        defaults = dict(sampler_defaults or {})
+        image_defaults = defaults.pop(IMAGE_CONDITIONED, {})
+        self.defaults = GenerationSettings(**defaults)
+        self.image_defaults = replace(self.defaults, **image_defaults)
         self.limits = limits or Limits()  # how much one call may ask for (engine.settings.Limits)
         self.limits.check_settings(self.defaults)
+        self.limits.check_settings(self.image_defaults)
         # None: the plain loops below; else the GPU fast path (unclip.engine.cuda_graphs.StageRunner)
         # runs each stage's loop on static buffers, captured as a CUDA graph and/or with fused kernels
         self.stage_runner = stage_runner
@@ -153,6 +158,13 @@ class Pipeline:
         """The settings a generate call with these keyword arguments runs with, checked against the
         limits and this model's schedules."""
         s = replace(self.defaults, **overrides)
+        self.limits.check_settings(s)
+        check_schedules(s, self.schedulers)
+        return s
+
+    def image_settings(self, **overrides) -> GenerationSettings:
+        """`settings` for vary, interpolate and text_diff: over the model's image_conditioned defaults."""
+        s = replace(self.image_defaults, **overrides)
         self.limits.check_settings(s)
         check_schedules(s, self.schedulers)
         return s
@@ -326,7 +338,7 @@ class Pipeline:
 
     @property
     def has_prior(self) -> bool:
-        return "prior" in self.backend.specs
+        return self.dims.has_prior
 
     def check_prior(self, s: GenerationSettings) -> None:
         if s.use_prior and not self.has_prior:

@@ -188,6 +188,9 @@ def check_output_type(output_type) -> None:
 # -- a model's own defaults: sampler_defaults.json --------------------------------------------------
 
 SAMPLER_DEFAULTS = "sampler_defaults.json"  # optional, in a checkpoint or artifact folder
+# The file's optional section for variations, interpolations and text diffs, whose best settings may
+# differ from text-to-image's: the demo draws text-to-image best unguided, variations guided.
+IMAGE_CONDITIONED = "image_conditioned"
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -211,15 +214,23 @@ def read_sampler_defaults(folder: str | Path) -> dict:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UnclipError(f"{path} cannot be read ({exc}); fix or delete it") from None
-    allowed = f"allowed: {', '.join(TUNABLE)}"
+    allowed = f"allowed: {', '.join(TUNABLE)}, {IMAGE_CONDITIONED}"
     if not isinstance(data, dict):
         raise UnclipError(f"{path} must hold a JSON object of settings, got {type(data).__name__}; "
                           f"{allowed}; fix or delete the file")
-    try:
-        _SamplerDefaults(**data)
-    except ValidationError as exc:
-        raise schema_error(exc, where=f"{path}: ", fix="fix or delete the file", requirements=REQUIREMENTS,
-                           unknown=allowed) from None
+    section = data.get(IMAGE_CONDITIONED, {})
+    if not isinstance(section, dict):
+        raise UnclipError(f"{path}: {IMAGE_CONDITIONED} must be a JSON object of settings, got "
+                          f"{type(section).__name__}; fix or delete the file")
+    top = {k: v for k, v in data.items() if k != IMAGE_CONDITIONED}
+    inner = f"allowed: {', '.join(TUNABLE)}"
+    for where, settings, words in ((f"{path}: ", top, allowed),
+                                   (f"{path}: {IMAGE_CONDITIONED}.", section, inner)):
+        try:
+            _SamplerDefaults(**settings)
+        except ValidationError as exc:
+            raise schema_error(exc, where=where, fix="fix or delete the file", requirements=REQUIREMENTS,
+                               unknown=words) from None
     return data
 
 

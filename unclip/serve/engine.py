@@ -151,7 +151,7 @@ class Engine:
         """Queue `n` variations of one image (encoded bytes, a path or a PIL image; settings as
         Pipeline.vary). The image is decoded and preprocessed here, in the caller's thread; the image
         encoder runs in the batch. Variations batch with variations only."""
-        s = self.pipeline.settings(num_images=n, **settings)
+        s = self.pipeline.image_settings(num_images=n, **settings)
         self.pipeline.limits.check_images(1, s.num_images)
         seed = self._check(seed, timeout_s)
         pixels = preprocess(self.pipeline, [image], "a variation")

@@ -39,7 +39,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UnclipError as exc:
-            click.echo(f"unclip: error: {_option_spelling(exc)}", err=True)
+            name = ctx.invoked_subcommand
+            command = self.get_command(ctx, name) if name else None
+            click.echo(f"unclip: error: {_option_spelling(exc, command)}", err=True)
             sys.exit(1)
         except click.UsageError as exc:  # click's own: not a number, an unknown option (exit 2, as click)
             where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
@@ -50,9 +52,13 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-def _option_spelling(exc: UnclipError) -> str:
-    """The validation layer names a field as the API does (`decoder_steps ...`); here it is an option."""
+def _option_spelling(exc: UnclipError, command: click.Command | None) -> str:
+    """The validation layer names a field as the API does (`decoder_steps ...`); here it is an option,
+    unless the command has no such option (`image ...` of `unclip vary` is its IMAGES argument)."""
     text = str(exc)
+    if isinstance(command, click.Command) and not isinstance(command, click.Group) and \
+            exc.param not in {p.name for p in command.params if isinstance(p, click.Option)}:
+        return text
     if exc.param and re.fullmatch(r"[a-z_]+", exc.param) and text.startswith(exc.param + " "):
         return f"--{exc.param.replace('_', '-')}{text[len(exc.param):]}"
     return text

@@ -162,9 +162,9 @@ def load_image(source, max_pixels: int, name: str = "image") -> Image.Image:  # 
     except UnidentifiedImageError:
         raise UnclipError(f"{name} is not an image unclip reads ({', '.join(IMAGE_FORMATS)}); give a PNG",
                           param="image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UnclipError(f"{name} declares more pixels than PIL decodes safely; send an image of at most "
-                          f"{max_pixels:,} pixels", param="image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnclipError(f"{name} declares more pixels than PIL decodes safely ({exc}); send an image of at "
+                          f"most {max_pixels:,} pixels", param="image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL's ways of saying corrupt or truncated
         detail = str(exc)[:120] or type(exc).__name__
         raise UnclipError(f"{name} cannot be decoded ({detail}): it is corrupt or truncated",

@@ -16,6 +16,7 @@ from unclip.export.cli import export
 from unclip.folders import check_output_folder
 from unclip.models import DEFAULT_MODEL
 from unclip.serve.cli import serve
+from unclip.serve.loadtest import loadtest
 
 MODEL_DEFAULT = "the model's sampler_defaults.json, else"
 MODEL_HELP = ("demo (the trained model shipped in the package), a checkpoint folder (diffusers "
@@ -214,6 +215,7 @@ def evaluate(model: str, trained_prompts: int, held_out_prompts: int, images_per
 cli.add_command(export)
 cli.add_command(bench)
 cli.add_command(serve)
+cli.add_command(loadtest)
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ from unclip.bench.results import now
 from unclip.folders import staged_folder
 from unclip.serve.loadtest import DEFAULT_PROMPTS, loadavg, wait_ready
 
-SWEEP = ((1, 10.0), (2, 10.0), (4, 10.0), (8, 10.0), (8, 500.0))  # (max_batch_images, max_wait_ms)
+SWEEP = ((1, 10.0), (4, 10.0), (8, 10.0), (8, 100.0), (8, 500.0))  # (max_batch_images, max_wait_ms)
 ACCEPT_RATIO = 0.9  # the server keeps at least 90 % of single-stream throughput (issue 12)
 ACCEPT_REFUSAL_S = 0.1  # every 429 within 100 ms (issue 12)
 START_S = 300  # a server loads, warms up and is ready within this (the demo model takes seconds)

@@ -31,6 +31,7 @@ def test_loadtest_writes_every_level_and_agrees_with_the_servers_count(tiny_pipe
     assert doc["machine"]["cpu_cores"] >= 1 and doc["versions"]["locust"]
     assert doc["request"] == {"prompts": ["a red circle", "a blue square"], "n": 1, "settings": SLOW_STEPS}
     assert [lv["concurrency"] for lv in doc["levels"]] == [1, 4]
+    assert doc["probe"]["batch_images"] == "1" and doc["options"]["max_requests"] == 100_000
     for lv in doc["levels"]:
         records = lv["records"]
         assert lv["sent"] == lv["answered"] + lv["abandoned"] == len(records) + lv["abandoned"]

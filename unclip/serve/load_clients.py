@@ -6,11 +6,11 @@ is imported, so it lives in this process alone: the process that reads the resul
 test or script that imports unclip, stays unpatched.
 
 Each of `concurrency` users sends a request, waits for the answer, and sends the next at once
-(a closed loop), until `duration_s` has passed since the level started; a request sent in that
-window may finish after it, for up to `grace_s` more. After a refused answer (429, 503) or any
-other failure a user pauses `refused_pause_s`, as a client honouring backoff would, so that a
-dead server is not hammered in a tight loop. Stdout: one JSON object per finished request,
-then `{"end": ...}`.
+(a closed loop), until `duration_s` has passed since the level started (or `max_requests`
+were sent); a request sent in that window may finish after it, for up to `grace_s` more. After
+a refused answer (429, 503) or any other failure a user pauses `refused_pause_s`, as a client
+honouring backoff would, so that a dead server is not hammered in a tight loop. Stdout: one
+JSON object per finished request, then `{"end": ...}`.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def check_body(response, n: int) -> str | None:
 
 
 def run(spec: dict) -> None:
-    """One level: spec holds url, concurrency, duration_s, grace_s, prompts, n, settings,
-    seed_base, refused_pause_s, request_timeout_s."""
+    """One level: spec holds url, concurrency, duration_s, grace_s, max_requests, prompts, n,
+    settings, seed_base, refused_pause_s, request_timeout_s."""
     t0 = time.monotonic()
     deadline, hard_end = t0 + spec["duration_s"], t0 + spec["duration_s"] + spec["grace_s"]
     counter, in_flight = itertools.count(), {"now": 0}
@@ -73,6 +73,8 @@ def run(spec: dict) -> None:
             if time.monotonic() >= deadline:
                 raise StopUser()
             k = next(counter)
+            if k >= spec["max_requests"]:  # the count bound, besides the time bound
+                raise StopUser()
             body = {"prompt": prompts[k % len(prompts)], "n": n, "seed": spec["seed_base"] + k,
                     "response_format": "b64_json", **spec["settings"]}
             start = time.monotonic()
@@ -106,7 +108,8 @@ def run(spec: dict) -> None:
     runner.spawning_greenlet.join(timeout=max(0.0, hard_end - time.monotonic()))
     abandoned = in_flight["now"]
     runner.quit()
-    emit({"end": {"elapsed_s": time.monotonic() - t0, "abandoned": abandoned, "sent": next(counter)}})
+    sent = min(next(counter), spec["max_requests"])
+    emit({"end": {"elapsed_s": time.monotonic() - t0, "abandoned": abandoned, "sent": sent}})
 
 
 def error_code(response) -> str:

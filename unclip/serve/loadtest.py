@@ -90,17 +90,21 @@ def check_url(url: str, allow_remote: bool) -> str:
 
 
 def http(method: str, url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict, bytes]:
-    """(status, headers, body); status 0 if nothing answered."""
+    """(status, headers with lower-case names, body); status 0 if nothing answered."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method,
                                      headers={"Content-Type": "application/json"} if data else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, lower(response.headers), response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+        return exc.code, lower(exc.headers), exc.read()
     except (urllib.error.URLError, OSError) as exc:
         return 0, {}, str(getattr(exc, "reason", exc)).encode()
+
+
+def lower(headers) -> dict:
+    return {k.lower(): v for k, v in headers.items()}
 
 
 def wait_ready(url: str, timeout_s: float) -> dict:
@@ -130,7 +134,7 @@ def probe(url: str, body: dict, timeout_s: float) -> dict:
             message = raw.decode(errors="replace")[:200] if raw else "no answer"
         raise UnclipError(f"the server refused the load test's request (HTTP {status}: {message}); "
                           "fix --prompt, --n or --settings")
-    return {"latency_s": seconds, "batch_images": headers.get("X-Unclip-Batch-Images")}
+    return {"latency_s": seconds, "batch_images": headers.get("x-unclip-batch-images")}
 
 
 def server_counters(url: str) -> dict | None:
@@ -176,6 +180,8 @@ def run_level(spec: dict) -> tuple[list[dict], dict]:
     bar = _progress(spec)
     try:
         for line in proc.stdout:
+            if not line.startswith("{"):  # only our records are JSON objects
+                continue
             item = json.loads(line)
             if "end" in item:
                 end = item["end"]
@@ -264,8 +270,8 @@ def server_delta(before: dict | None, after: dict | None) -> dict | None:
 
 
 def run_loadtest(url: str, levels: list[int], duration_s: float, *, prompts: list[str], n: int,
-                 settings: dict, grace_s: float, refused_pause_s: float, request_timeout_s: float,
-                 ready_timeout_s: float, command: str) -> dict:
+                 settings: dict, grace_s: float, max_requests: int, refused_pause_s: float,
+                 request_timeout_s: float, ready_timeout_s: float, command: str) -> dict:
     from unclip.bench.machine import host, versions
     from unclip.bench.results import now
 
@@ -277,11 +283,13 @@ def run_loadtest(url: str, levels: list[int], duration_s: float, *, prompts: lis
         "url": url, "server": server, "machine": host(), "versions": {**versions(), **client_versions()},
         "request": {"prompts": prompts, "n": n, "settings": settings},
         "options": {"concurrency": levels, "duration_s": duration_s, "grace_s": grace_s,
+                    "max_requests": max_requests,
                     "refused_pause_s": refused_pause_s, "request_timeout_s": request_timeout_s},
         "probe": probed, "levels": [],
     }
     for k, concurrency in enumerate(levels):
         spec = {"url": url, "concurrency": concurrency, "duration_s": duration_s, "grace_s": grace_s,
+                "max_requests": max_requests,
                 "prompts": prompts, "n": n, "settings": settings, "seed_base": 1_000_000 * (k + 1),
                 "refused_pause_s": refused_pause_s, "request_timeout_s": request_timeout_s}
         load_before, counters_before = loadavg(), server_counters(url)
@@ -339,6 +347,8 @@ def write_results(doc: dict, out: Path, plot: bool = True) -> None:
               help="JSON object of extra request fields, e.g. '{\"decoder_steps\": 10}'")
 @click.option("--grace-s", type=click.FloatRange(0, MAX_DURATION_S), default=300.0, show_default=True,
               help="how long requests sent during a level may take to finish after it")
+@click.option("--max-requests", type=click.IntRange(1, 10**6), default=100_000, show_default=True,
+              help="a level also stops after sending this many requests")
 @click.option("--refused-pause-s", type=click.FloatRange(0, 60), default=0.5, show_default=True,
               help="a client's pause after a refused or failed answer before its next request "
               "(0: retry at once)")
@@ -349,8 +359,8 @@ def write_results(doc: dict, out: Path, plot: bool = True) -> None:
 @click.option("--allow-remote", is_flag=True, help="allow a --url that is not a loopback address")
 @click.option("--no-plot", is_flag=True, help="skip loadtest.png (no matplotlib needed)")
 def loadtest(url: str, concurrency: str, duration: float, out: Path, prompts: tuple[str, ...], n: int,
-             settings: str, grace_s: float, refused_pause_s: float, request_timeout_s: float,
-             ready_timeout_s: float, allow_remote: bool, no_plot: bool) -> None:
+             settings: str, grace_s: float, max_requests: int, refused_pause_s: float,
+             request_timeout_s: float, ready_timeout_s: float, allow_remote: bool, no_plot: bool) -> None:
     """Closed-loop load test of a running `unclip serve`: throughput, latency, queueing, batching
     and refusals per concurrency level."""
     base = check_url(url, allow_remote)
@@ -364,8 +374,8 @@ def loadtest(url: str, concurrency: str, duration: float, out: Path, prompts: tu
         raise UnclipError(f"unclip loadtest needs {', '.join(missing)}: pip install 'unclip[bench]'")
     command = repeat_command(click.get_current_context())
     doc = run_loadtest(base, levels, duration, prompts=list(prompts or DEFAULT_PROMPTS), n=n, settings=extra,
-                       grace_s=grace_s, refused_pause_s=refused_pause_s, request_timeout_s=request_timeout_s,
-                       ready_timeout_s=ready_timeout_s, command=command)
+                       grace_s=grace_s, max_requests=max_requests, refused_pause_s=refused_pause_s,
+                       request_timeout_s=request_timeout_s, ready_timeout_s=ready_timeout_s, command=command)
     write_results(doc, out, plot=not no_plot)
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}"
                + ("" if no_plot else f", {out / 'loadtest.png'}"))

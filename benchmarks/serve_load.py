@@ -55,11 +55,14 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "unclip.cli", *args]
 
 
-# THREADS: torch's CPU ops run on OpenMP (libgomp), whose idle workers spin before they sleep.
-# On a CPU shared with other processes, the spinning team of the first thread that used torch
-# (here: the main thread) loses its time slices and runs many times slower; a team made later
-# by another thread (the server's scheduler thread) spins far less. On an idle machine the
-# difference should be small. Both regimes are measured, and the server is held to the faster.
+# THREADS: torch's CPU ops run on OpenMP (libgomp). The first thread that runs them gets a team
+# whose idle workers spin; once more OpenMP threads exist than cores, a later thread's team sleeps
+# between parallel regions instead (~17,000 sleeps and wake-ups per demo image). So `generate`
+# from the main thread is fastest on idle cores and very slow when other processes load the CPU
+# (the spinning team loses its time slices), while from a second thread here (the main thread
+# holds a team) it is slower on idle cores and steady under load. `unclip serve` loads its model
+# on one intra-op thread, so its scheduler's team is the only one and spins, like the main
+# thread's here. Both regimes are measured; the server is held to the faster.
 REGIMES = ("main thread", "second thread")
 
 
@@ -178,14 +181,18 @@ def main() -> None:
                         help="seconds of single-stream calls per regime, before and after (at least 3 calls)")
     parser.add_argument("--sweep", action="store_true", help="also 8 clients against each batching setting")
     args = parser.parse_args()
-    command = shlex.join(["python3", "benchmarks/serve_load.py", *sys.argv[1:]])
+    # OpenMP's waiting (see THREADS) is set by the environment, read once when torch loads: recorded
+    openmp = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+              if k in os.environ}
+    command = " ".join([*(f"{k}={v}" for k, v in openmp.items()), "PYTHONPATH=$PWD",
+                        shlex.join(["python3", "benchmarks/serve_load.py", *sys.argv[1:]])])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     logs = Path(tempfile.mkdtemp(prefix="serve_load-logs-"))  # kept: the servers' JSON access logs
     print(f"server and load-test logs: {logs}", file=sys.stderr)
     with staged_folder(args.out) as tmp:
         doc = {"tool": "benchmarks/serve_load.py", "written": now(), "command": command,
-               "machine": machine("cpu"), "versions": versions(), "phases": {}}
+               "machine": machine("cpu"), "versions": versions(), "openmp_environment": openmp, "phases": {}}
         phases = doc["phases"]
         import unclip
 

@@ -27,7 +27,7 @@ def markdown(doc: dict) -> str:
         "2-core machine, about 20 with `--sweep`):",
         "",
         "```",
-        doc["command"] if doc["command"].startswith("PYTHONPATH") else f"PYTHONPATH=$PWD {doc['command']}",
+        doc["command"] if "PYTHONPATH" in doc["command"] else f"PYTHONPATH=$PWD {doc['command']}",
         "```",
         "",
         f"Written {doc['written']}. Machine: {m['cpu_model']}, {m['cpu_cores']} cores, {m['memory_gb']} GB, "
@@ -54,11 +54,13 @@ def markdown(doc: dict) -> str:
         "## Single-stream reference",
         "",
         "`Pipeline.generate` in the script's own process (the model loaded and warmed up by the main "
-        "thread, as `unclip serve` does), one image per call at the model's default settings "
+        "thread), one image per call at the model's default settings "
         f"({doc['single_stream_settings']}), timed calls for about 30 s per regime; images/s = calls / "
-        "total time. Two regimes: called from the main thread (what a script gets) and from a second "
-        "thread (where the server's scheduler runs). Each regime's figure is the mean of before and "
-        "after the load phases; the server is held to the faster regime.",
+        "total time. Two regimes (OpenMP, see docs/serving.md): called from the main thread (what a "
+        "script gets; the server's scheduler computes the same way) and from a second thread while "
+        "the main thread holds an OpenMP team (its team sleeps between parallel regions). Each "
+        "regime's figure is the mean of before and after the load phases; the server is held to the "
+        "faster regime.",
         "",
         "| when | regime | calls | images/s | seconds per call (min – max) | load before → after |",
         "|---|---|---:|---:|---|---|",

@@ -176,7 +176,7 @@ def run_level(spec: dict) -> tuple[list[dict], dict]:
                             stdout=subprocess.PIPE, stderr=errors, text=True)
     killer = threading.Timer(limit, proc.kill)
     killer.start()
-    records, end = [], None
+    records, end, tally = [], None, {"ok": 0, "other": 0}
     bar = _progress(spec)
     try:
         for line in proc.stdout:
@@ -187,10 +187,10 @@ def run_level(spec: dict) -> tuple[list[dict], dict]:
                 end = item["end"]
                 continue
             records.append(item)
+            tally["ok" if item["images"] else "other"] += 1
             if bar is not None:
                 bar.update(max(0, min(spec["duration_s"], round(item["end_s"])) - bar.n))
-                bar.set_postfix(ok=sum(r["images"] > 0 for r in records),
-                                other=sum(r["images"] == 0 for r in records), refresh=False)
+                bar.set_postfix(tally, refresh=False)
         proc.wait()
         errors.seek(0)
         stderr = errors.read()

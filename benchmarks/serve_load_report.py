@@ -57,8 +57,8 @@ def markdown(doc: dict) -> str:
         "thread), one image per call at the model's default settings "
         f"({doc['single_stream_settings']}), timed calls for about 30 s per regime; images/s = calls / "
         "total time. Two regimes (OpenMP, see docs/serving.md): called from the main thread (what a "
-        "script gets; the server's scheduler computes the same way) and from a second thread while "
-        "the main thread holds an OpenMP team (its team sleeps between parallel regions). Each "
+        "script gets) and from a second thread while the main thread holds an OpenMP team (its team "
+        "sleeps between parallel regions, as the server's scheduler thread does). Each "
         "regime's figure is the mean of before and after the load phases; the server is held to the "
         "faster regime.",
         "",

@@ -183,21 +183,6 @@ def test_warm_up_freezes_the_models_objects_out_of_the_garbage_collector(tiny_pi
         gc.unfreeze()
 
 
-def test_serve_loads_the_model_on_one_intra_op_thread(monkeypatch):
-    """The main thread must keep no OpenMP team, or the scheduler's team sleeps between parallel
-    regions (see load_off_the_main_team); the thread count is restored after loading."""
-    import torch
-
-    import unclip
-    from unclip.serve.cli import load_off_the_main_team
-
-    seen = []
-    monkeypatch.setattr(unclip, "load", lambda model, **kw: seen.append(torch.get_num_threads()) or model)
-    before = torch.get_num_threads()
-    assert load_off_the_main_team("tiny", backend="torch") == "tiny"
-    assert seen == [1] and torch.get_num_threads() == before
-
-
 def test_full_queue_gets_429_with_retry_after(tiny_pipeline):
     slow = dict(prior_steps=3, decoder_steps=400, super_res_steps=2)  # keeps the scheduler busy
     with running_server(tiny_pipeline, max_queue=1, max_batch_images=1, max_wait_ms=0) as (url, state):

@@ -47,13 +47,14 @@ def serve(model: str, backend: str, device: str, dtype: str, host: str, port: in
     except ImportError as exc:
         raise UnclipError(f"unclip serve needs the serve extra ({exc.name} is missing): "
                           "pip install 'unclip[serve]'") from None
+    import unclip
     from unclip.serve.api import ServeState
     from unclip.serve.engine import Engine
     from unclip.serve.metrics import Metrics
     from unclip.serve.server import run_server
 
     replica = replica or f"{socket.gethostname()}-{os.getpid()}"
-    pipe = load_off_the_main_team(model, backend=backend, device=device, dtype=dtype)
+    pipe = unclip.load(model, backend=backend, device=device, dtype=dtype)
     engine = Engine(pipe, max_batch_images=max_batch_images, max_wait_ms=max_wait_ms, max_queue=max_queue,
                     metrics=Metrics(labels={"replica": replica}))
     state = ServeState(engine, model=str(model), image_size=pipe.dims.super_res_size, replica=replica,
@@ -61,28 +62,6 @@ def serve(model: str, backend: str, device: str, dtype: str, host: str, port: in
     _log_to_stderr()
     click.echo(f"unclip: serving {model} on http://{host}:{port} (replica {replica})", err=True)
     run_server(state, host, port, drain_s)
-
-
-def load_off_the_main_team(model: str, **options):
-    """unclip.load with one intra-op thread, the count restored after.
-
-    Torch's CPU ops run on OpenMP (libgomp). Loading with the default count gives the main
-    thread a team of workers that lives as long as the process; the scheduler thread, where all
-    generation runs, then gets a second team, and with more OpenMP threads than cores libgomp
-    makes every team sleep between parallel regions instead of spinning: ~17,000 sleeps and
-    wake-ups per demo image, 0.63 s instead of 0.35 s on 2 idle cores (measured). Loaded on one
-    thread, the main thread keeps no workers and the scheduler's team spins as a script's would.
-    """
-    import torch
-
-    import unclip
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return unclip.load(model, **options)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _log_to_stderr() -> None:

@@ -25,6 +25,7 @@ from unclip.export.cli import export
 from unclip.folders import check_output_folder, interrupt_after, write_file_atomic
 from unclip.models import DEFAULT_MODEL, DEMO_FOLDER
 from unclip.serve.cli import serve
+from unclip.serve.loadtest import loadtest
 
 MODEL_HELP = ("demo (the trained model shipped in the package), a checkpoint folder (diffusers "
               "UnCLIPPipeline layout) or a random-weight preset: tiny, small, karlo")
@@ -290,6 +291,7 @@ def evaluate(model: str, trained_prompts: int, held_out_prompts: int, images_per
 cli.add_command(export)
 cli.add_command(bench)
 cli.add_command(serve)
+cli.add_command(loadtest)
 
 
 def main() -> None:

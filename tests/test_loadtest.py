@@ -136,6 +136,6 @@ def test_a_request_the_server_refuses_stops_before_the_load(tiny_pipeline, tmp_p
         result = run_cli("loadtest", "--url", url, "--settings", '{"decoder_steps": 1}',
                          "--out", str(tmp_path / "out"))
         seen = state.engine.metrics.exposition().decode()
-    assert_one_line_error(result, "HTTP 400", "decoder-steps", "--settings")
+    assert_one_line_error(result, "HTTP 400", "decoder_steps", "--settings")
     assert not (tmp_path / "out").exists()
     assert "unclip_images_total" in seen and 'status="ok"' not in seen  # no load was sent

@@ -54,9 +54,11 @@ def serve(model: str, backend: str, device: str, dtype: str, host: str, port: in
     from unclip.serve.server import run_server
 
     replica = replica or f"{socket.gethostname()}-{os.getpid()}"
-    pipe = unclip.load(model, backend=backend, device=device, dtype=dtype)
-    engine = Engine(pipe, max_batch_images=max_batch_images, max_wait_ms=max_wait_ms, max_queue=max_queue,
+    # loaded on the engine's scheduler thread, the one that computes (Engine.__init__ says why)
+    engine = Engine(lambda: unclip.load(model, backend=backend, device=device, dtype=dtype),
+                    max_batch_images=max_batch_images, max_wait_ms=max_wait_ms, max_queue=max_queue,
                     metrics=Metrics(labels={"replica": replica}))
+    pipe = engine.wait_loaded()
     state = ServeState(engine, model=str(model), image_size=pipe.dims.super_res_size, replica=replica,
                        timeout_s=timeout_s, max_body_bytes=max_body_bytes)
     _log_to_stderr()

@@ -34,10 +34,16 @@ from unclip.models import DEFAULT_MODEL
               help="on SIGTERM, how long queued and running requests may finish before the server exits")
 @click.option("--max-body-bytes", type=click.IntRange(256), default=65536, show_default=True)
 @click.option("--replica", default=None, help="this server's name in headers, logs and metrics "
-              "[default: HOST-PID]")
+              "[default: HOST-PID; with --ray, Ray's replica id]")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="serve through Ray Serve on a local Ray instance: replicas behind one endpoint, each "
+              "with its own engine (docs/ray.md); --max-queue is then the requests waiting for a replica")
+@click.option("--replicas", type=click.IntRange(1), default=None, help="with --ray: replicas  [default: 1]")
+@click.option("--max-ongoing-requests", type=click.IntRange(1), default=None,
+              help="with --ray: requests one replica holds at once  [default: 2 x --max-batch-images]")
 def serve(model: str, backend: str, device: str, dtype: str, host: str, port: int, max_batch_images: int,
           max_wait_ms: float, max_queue: int, timeout_s: float | None, drain_s: float, max_body_bytes: int,
-          replica: str | None) -> None:
+          replica: str | None, use_ray: bool, replicas: int | None, max_ongoing_requests: int | None) -> None:
     """Serve a model over HTTP: OpenAI's POST /v1/images/generations, /health/live, /health/ready,
     /metrics. One JSON log line per request on stderr."""
     try:
@@ -47,6 +53,14 @@ def serve(model: str, backend: str, device: str, dtype: str, host: str, port: in
     except ImportError as exc:
         raise UnclipError(f"unclip serve needs the serve extra ({exc.name} is missing): "
                           "pip install 'unclip[serve]'") from None
+    if use_ray:
+        if replica is not None:
+            raise UnclipError("--replica is Ray's replica id under --ray; leave it out")
+        return _serve_on_ray(model, backend, device, dtype, host, port, max_batch_images, max_wait_ms,
+                             max_queue, timeout_s, drain_s, max_body_bytes, replicas or 1,
+                             max_ongoing_requests or 2 * max_batch_images)
+    if replicas is not None or max_ongoing_requests is not None:
+        raise UnclipError("--replicas and --max-ongoing-requests are Ray Serve settings; add --ray")
     import unclip
     from unclip.serve.api import ServeState
     from unclip.serve.engine import Engine
@@ -59,12 +73,35 @@ def serve(model: str, backend: str, device: str, dtype: str, host: str, port: in
                     metrics=Metrics(labels={"replica": replica}))
     state = ServeState(engine, model=str(model), image_size=pipe.dims.super_res_size, replica=replica,
                        timeout_s=timeout_s, max_body_bytes=max_body_bytes)
-    _log_to_stderr()
+    log_to_stderr()
     click.echo(f"unclip: serving {model} on http://{host}:{port} (replica {replica})", err=True)
     run_server(state, host, port, drain_s)
 
 
-def _log_to_stderr() -> None:
+def _serve_on_ray(model: str, backend: str, device: str, dtype: str, host: str, port: int,
+                  max_batch_images: int, max_wait_ms: float, max_queue: int, timeout_s: float | None,
+                  drain_s: float, max_body_bytes: int, replicas: int, max_ongoing_requests: int) -> None:
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError as exc:
+        raise UnclipError(f"unclip serve --ray needs Ray Serve ({exc.name} is missing): "
+                          "pip install 'unclip[ray]'") from None
+    from unclip.models import resolve_model_path
+    from unclip.models.presets import PRESETS
+    from unclip.serve.ray_app import UnclipArgs, run_local
+
+    if model not in PRESETS and "{gpu}" not in model:
+        resolve_model_path(model)  # the replicas load it here: a wrong path fails before Ray starts
+    # the engine holds every request Ray lets through to its replica; Ray queues the rest
+    args = UnclipArgs(model=model, backend=backend, device=device, dtype=dtype,
+                      max_batch_images=max_batch_images, max_wait_ms=max_wait_ms,
+                      max_queue=max_ongoing_requests, timeout_s=timeout_s, max_body_bytes=max_body_bytes)
+    log_to_stderr()
+    run_local(args, host=host, port=port, replicas=replicas, max_ongoing_requests=max_ongoing_requests,
+              max_queued_requests=max_queue, drain_s=drain_s)
+
+
+def log_to_stderr() -> None:
     """Access lines are JSON objects as they are; the engine's own notes get a prefix."""
     for name, fmt in (("unclip.serve.access", "%(message)s"), ("unclip.serve", "unclip: %(message)s")):
         logger = logging.getLogger(name)

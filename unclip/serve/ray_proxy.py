@@ -20,11 +20,11 @@ CALLBACK = "unclip.serve.ray_proxy:middlewares"  # the value of the variable abo
 # Ray's own error statuses: (OpenAI error type, code, what the client can do)
 RAY_ERRORS = {
     408: ("timeout_error", "proxy_timeout", "the request took longer than the proxy allows; retry"),
-    429: ("rate_limit_error", "overloaded", "every replica is busy and the queue is full; retry later"),
+    429: ("rate_limit_error", "queue_full", "every replica is busy and the queue is full; retry later"),
     500: ("server_error", "replica_failed", "the replica handling the request failed; retry, another "
           "replica takes it"),
-    503: ("server_error", "overloaded", "every replica is busy and the queue is full, or none is running; "
-          "retry later"),
+    503: ("server_error", "unavailable", "no replica can take the request now (all busy with a full queue, "
+          "or none running); retry later"),
 }
 KEPT_HEADERS = ("retry-after", "x-request-id")
 

@@ -129,8 +129,10 @@ CASES = [("a red circle on a blue background", 11), ("a green square on a white 
 def test_two_replicas_share_the_load_and_answer_as_unclip_generate(two_replicas, tmp_path):
     server = two_replicas
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in STEPS.items()]
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # three of them beside two replicas on 2 cores
     cli = [subprocess.Popen(["unclip", "generate", prompt, "--seed", str(seed), *flags, "--out",
-                             str(tmp_path / str(k))], cwd=REPO, stdout=subprocess.DEVNULL)
+                             str(tmp_path / str(k))], cwd=REPO, env=one_thread, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
            for k, (prompt, seed) in enumerate(CASES)]
 
     def ask(k: int) -> httpx.Response:

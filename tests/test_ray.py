@@ -229,6 +229,29 @@ def test_a_killed_replica_is_restarted_and_an_openai_client_loses_nothing(two_re
 
 
 @pytest.mark.slow
+def test_sigterm_lets_held_requests_finish_and_exits_0(two_replicas):
+    """As `unclip serve` drains: while the requests the replicas hold finish, new ones get 503 with
+    the envelope and Retry-After (another node's proxy may take them); the process exits 0 and
+    Ray's processes are gone."""
+    server = two_replicas
+    slow = dict(prior_steps=5, decoder_steps=100, super_res_steps=3)  # seconds: still running at SIGTERM
+    with ThreadPoolExecutor(4) as pool:
+        held = [pool.submit(httpx.post, server.url + GEN, json={"prompt": p, "seed": 1, **slow}, timeout=WAIT)
+                for p, _ in CASES + CASES[:1]]
+        time.sleep(2)  # the proxy hands them to the replicas within milliseconds
+        server.proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + WAIT
+        while (late := httpx.get(server.url + "/health/live")).status_code == 200:  # until the app is going
+            assert time.monotonic() < end and not any(f.done() for f in held)
+            time.sleep(0.05)
+        answers = [f.result() for f in held]
+    assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+    assert late.status_code == 503 and late.json()["error"]["code"] == "unavailable", late.text
+    assert int(late.headers["retry-after"]) >= 1
+    assert_stopped_cleanly(server)
+
+
+@pytest.mark.slow
 def test_backpressure_refuses_the_excess_at_once_and_accepted_requests_finish(tmp_path):
     """One replica holding one request, two more waiting at the proxy: of 12 clients at once, the
     rest get 429 with the envelope, all before the first accepted request is done."""

@@ -158,6 +158,7 @@ def run_local(args: UnclipArgs, *, host: str, port: int, replicas: int, max_ongo
         while not stop.wait(1):
             pass
         log.info("stopping: replicas finish what they hold for up to %.0f s", drain_s)
+        serve.delete(APP)  # Ray stops routing to the replicas and waits for their requests
         serve.shutdown()
     finally:
         ray.shutdown()

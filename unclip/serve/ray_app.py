@@ -10,6 +10,7 @@ replica id. docs/ray.md has the cluster files; `build_app` is what a Ray Serve c
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -67,16 +68,24 @@ class UnclipReplica:
 
         a = UnclipArgs.model_validate(args or {})
         replica = serve.get_replica_context().replica_tag
-        torch.set_num_threads(a.torch_threads or _assigned_cpus())
         log_to_stderr()
+        # Loaded on one torch thread: this thread then keeps no OpenMP team of its own beside the
+        # engine's scheduler thread, where generation runs with the replica's threads (two teams
+        # on few cores make libgomp sleep between parallel regions: much slower on CPU)
+        torch.set_num_threads(1)
         pipe = unclip.load(model_for_this_gpu(a.model, a.device), backend=a.backend, device=a.device,
                            dtype=a.dtype)
+        torch.set_num_threads(a.torch_threads or _assigned_cpus())
         engine = Engine(pipe, max_batch_images=a.max_batch_images, max_wait_ms=a.max_wait_ms,
                         max_queue=a.max_queue, metrics=Metrics(labels={"replica": replica}))
         self.state = ServeState(engine, model=a.model, image_size=pipe.dims.super_res_size, replica=replica,
                                 timeout_s=a.timeout_s, max_body_bytes=a.max_body_bytes)
         # Ray routes to a replica once __init__ returns: warm up first, so no request waits on it
         engine.warmup()
+        # the model's objects live as long as the replica: out of the collector's full passes,
+        # which would hold the GIL (and the event loop) for a long while each
+        gc.collect()
+        gc.freeze()
         self.state.ready = True
         log.info("replica %s ready: model %s, pid %d, torch threads %d", replica, a.model, os.getpid(),
                  torch.get_num_threads())

@@ -48,7 +48,10 @@ class RayServer:
     def __init__(self, log: Path, *flags: str):
         self.port, self.log = free_port(), log
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+        # RAY_memory_monitor_refresh_ms=0: Ray's memory monitor counts the whole machine's memory
+        # and kills workers above 95 %, so another job's use on a shared machine killed replicas
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0",
+               "RAY_memory_monitor_refresh_ms": "0"}
         with open(log, "w") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "unclip.cli", "serve", "--ray", "--port",
                                           str(self.port), *flags], env=env, cwd=REPO,
@@ -150,7 +153,7 @@ def test_two_replicas_share_the_load_and_answer_as_unclip_generate(two_replicas,
     for k, response in enumerate(responses):
         [item] = response.json()["data"]
         diff = np.abs(pixels(base64.b64decode(item["b64_json"])) - reference[k % len(CASES)]).max()
-        assert diff <= 1, (k, diff)  # 1/255: PNG rounding of float images (see tests/test_batching.py)
+        assert diff <= 1, (k, diff)  # 1/255: other batch sizes round floats differently (test_batching.py)
 
     # the replica's identity in readiness, metrics and logs, and one request id end to end
     ready = httpx.get(server.url + "/health/ready")

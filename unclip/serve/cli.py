@@ -81,6 +81,11 @@ def serve(model: str, backend: str, device: str, dtype: str, host: str, port: in
 def _serve_on_ray(model: str, backend: str, device: str, dtype: str, host: str, port: int,
                   max_batch_images: int, max_wait_ms: float, max_queue: int, timeout_s: float | None,
                   drain_s: float, max_body_bytes: int, replicas: int, max_ongoing_requests: int) -> None:
+    from unclip.serve.ray_proxy import CALLBACK
+
+    # read by Ray when it is first imported, here and in the processes it starts
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", CALLBACK)  # envelopes on Ray's errors
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a one-machine node: all on 127.0.0.1
     try:
         import ray.serve  # noqa: F401
     except ImportError as exc:

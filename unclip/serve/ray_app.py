@@ -21,7 +21,6 @@ from ray import serve
 from ray.serve import Application
 
 from unclip.errors import UnclipError
-from unclip.serve.ray_proxy import CALLBACK
 
 log = logging.getLogger("unclip.serve")
 APP = "unclip"  # the application's name in Ray Serve (serve status, logs, metrics)
@@ -135,13 +134,11 @@ def build_app(args: dict) -> Application:
 def run_local(args: UnclipArgs, *, host: str, port: int, replicas: int, max_ongoing_requests: int,
               max_queued_requests: int, drain_s: float) -> None:
     """`unclip serve --ray`: a local Ray instance, `replicas` replicas behind HOST:PORT, until
-    SIGTERM or Ctrl-C; then each replica finishes what it holds (up to `drain_s`) and Ray stops."""
+    SIGTERM or Ctrl-C; then each replica finishes what it holds (up to `drain_s`) and Ray stops.
+    The environment is set before `ray` is first imported (unclip.serve.cli)."""
     import click
     import ray
 
-    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", CALLBACK)  # envelopes on Ray's errors
-    # Ray's switch for a single-machine node (its default on macOS): its services bind 127.0.0.1 only
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     cpus = os.cpu_count() or 1
     # CPU: the cores shared out, one torch thread per whole core; GPU: one device per replica
     cuda = args.device.startswith("cuda")
@@ -150,7 +147,8 @@ def run_local(args: UnclipArgs, *, host: str, port: int, replicas: int, max_ongo
                                 max_ongoing_requests=max_ongoing_requests,
                                 max_queued_requests=max_queued_requests,
                                 graceful_shutdown_timeout_s=drain_s).bind(args.model_dump())
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
+             _node_ip_address="127.0.0.1")
     stop = threading.Event()  # set by SIGTERM or Ctrl-C, from here on (ray.init put in its own handler)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

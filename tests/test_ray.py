@@ -281,13 +281,21 @@ def test_backpressure_refuses_the_excess_at_once_and_accepted_requests_finish(tm
         assert t < first_done  # refused without waiting for a slot
 
 
-def test_ray_missing_is_one_line(monkeypatch):
+@pytest.fixture
+def ray_env_restored(monkeypatch):
+    """`serve --ray` in this process sets Ray's variables in os.environ (only where unset): set here
+    to the same values, so that monkeypatch removes them after the test."""
+    monkeypatch.setenv("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "unclip.serve.ray_proxy:middlewares")
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def test_ray_missing_is_one_line(monkeypatch, ray_env_restored):
     monkeypatch.setitem(sys.modules, "ray", None)
     monkeypatch.setitem(sys.modules, "ray.serve", None)
     assert_one_line_error(run_cli("serve", "--ray", "--model", "tiny"), "pip install 'unclip[ray]'")
 
 
-def test_ray_options_need_ray_and_ray_names_the_replica():
+def test_ray_options_need_ray_and_ray_names_the_replica(ray_env_restored):
     assert_one_line_error(run_cli("serve", "--model", "tiny", "--replicas", "2"), "--ray")
     assert_one_line_error(run_cli("serve", "--ray", "--replica", "a"), "--replica")
     assert_one_line_error(run_cli("serve", "--ray", "--model", "/no/such/model"), "/no/such/model")

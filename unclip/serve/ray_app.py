@@ -41,7 +41,7 @@ class UnclipArgs(BaseModel):
     max_queue: int = 64
     timeout_s: float | None = None
     max_body_bytes: int = 65536
-    torch_threads: int | None = None  # default: the CPUs Ray gave the replica (ray_actor_options)
+    torch_threads: int | None = None  # default: OMP_NUM_THREADS, which Ray sets to the replica's CPUs
 
 
 # Defaults for `serve run` without a config; deploy/ray/*.yaml set each of these per cluster.
@@ -74,7 +74,7 @@ class UnclipReplica:
         torch.set_num_threads(1)
         pipe = unclip.load(model_for_this_gpu(a.model, a.device), backend=a.backend, device=a.device,
                            dtype=a.dtype)
-        torch.set_num_threads(a.torch_threads or _assigned_cpus())
+        torch.set_num_threads(a.torch_threads or _omp_threads())
         engine = Engine(pipe, max_batch_images=a.max_batch_images, max_wait_ms=a.max_wait_ms,
                         max_queue=a.max_queue, metrics=Metrics(labels={"replica": replica}))
         self.state = ServeState(engine, model=a.model, image_size=pipe.dims.super_res_size, replica=replica,
@@ -118,11 +118,10 @@ def model_for_this_gpu(model: str, device: str) -> str:
     return model.replace("{gpu}", f"{_slug(torch.cuda.get_device_name(index))}-sm{major}{minor}")
 
 
-def _assigned_cpus() -> int:
-    """Whole CPUs Ray reserved for this replica, at least one (torch's thread count)."""
-    import ray
-
-    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+def _omp_threads() -> int:
+    """OMP_NUM_THREADS: Ray sets it to the replica's whole CPUs (at least one) unless the
+    environment of `ray start` (or of `unclip serve --ray`) has it already."""
+    return max(1, int(os.environ.get("OMP_NUM_THREADS") or 1))
 
 
 def build_app(args: dict) -> Application:

@@ -225,11 +225,10 @@ def test_a_killed_replica_is_restarted_and_an_openai_client_loses_nothing(two_re
         time.sleep(0.5)
     new = next(r for r in server.replicas() if r not in before)
     assert not psutil.pid_exists(before[victim]) or psutil.Process(before[victim]).status() == "zombie"
-    seen = set()
-    for _ in range(40):  # the proxy picks at random: bounded tries until the new replica answers
+    seen, end = set(), time.monotonic() + START
+    while new not in seen and time.monotonic() < end:  # until Ray routes to it (the proxy picks at random)
         seen.add(httpx.get(server.url + "/health/ready").headers.get("x-unclip-replica"))
-        if new in seen:
-            break
+        time.sleep(0.05)
     assert new in seen and victim not in seen, seen
 
 
@@ -258,30 +257,36 @@ def test_sigterm_lets_held_requests_finish_and_exits_0(two_replicas):
 
 @pytest.mark.slow
 def test_backpressure_refuses_the_excess_at_once_and_accepted_requests_finish(tmp_path):
-    """One replica holding one request, two more waiting at the proxy: of 12 clients at once, the
-    rest get 429 with the envelope, all before the first accepted request is done."""
+    """One replica holding one request and at most two more waiting at the proxy: of 12 clients
+    sending at once, the excess gets 429 with the envelope, each before the first accepted
+    request is done, and every accepted request succeeds."""
     slow = dict(prior_steps=3, decoder_steps=300, super_res_steps=2)  # ~3 s on tiny: outlasts the burst
     barrier = threading.Barrier(12)
     with ray_server(tmp_path / "serve.log", "--model", "tiny", "--max-batch-images", "1",
                     "--max-ongoing-requests", "1", "--max-queue", "2") as server:
 
-        def ask(k: int) -> tuple[httpx.Response, float]:
+        def ask(k: int) -> tuple[httpx.Response, float, float]:
             with httpx.Client(timeout=WAIT) as client:  # made before the barrier: all send at once
                 barrier.wait(WAIT)
+                sent = time.monotonic()
                 response = client.post(server.url + GEN, json={"prompt": f"p{k}", **slow})
-            return response, time.monotonic()
+            return response, sent, time.monotonic()
 
         with ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(ask, range(12)))
         assert_stopped_cleanly(server)
-    accepted = [(r, t) for r, t in answers if r.status_code == 200]
-    refused = [(r, t) for r, t in answers if r.status_code != 200]
-    assert len(accepted) >= 3 and len(refused) >= 1, [r.status_code for r, _ in answers]
-    first_done = min(t for _, t in accepted)
-    for r, t in refused:
-        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.text
-        assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["type"] == "rate_limit_error"
-        assert t < first_done  # refused without waiting for a slot
+    assert {r.status_code for r, _, _ in answers} <= {200, 429}, [r.text for r, _, _ in answers]
+    first_done = min(done for r, _, done in answers if r.status_code == 200)
+    burst = [(r, done) for r, sent, done in answers if sent < first_done]  # sent while nothing had finished
+    statuses = [r.status_code for r, _ in burst]
+    # at most the three held, plus one: a request sent before the first answer came back may reach
+    # the proxy just after the replica finished it and took the next (one slot frees, ~3 s per slot)
+    assert statuses.count(200) <= 4 and statuses.count(429) >= 1, statuses  # the excess refused
+    for r, done in burst:
+        if r.status_code == 429:
+            error = r.json()["error"]
+            assert error["code"] == "queue_full" and error["type"] == "rate_limit_error", error
+            assert int(r.headers["retry-after"]) >= 1 and done < first_done  # without waiting for a slot
 
 
 @pytest.fixture

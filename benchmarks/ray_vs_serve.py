@@ -8,6 +8,7 @@ means. Acceptance (issue 13): Ray's images/s >= 0.85 x plain serve's (ACCEPT_RAT
 
     PYTHONPATH=$PWD python3 benchmarks/ray_vs_serve.py                   # ~6 min on 2 cores
     PYTHONPATH=$PWD python3 benchmarks/ray_vs_serve.py --duration 120    # steadier
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=$PWD python3 benchmarks/ray_vs_serve.py   # a shared CPU
 
 Output (all or nothing; default benchmarks/results/serve/ray/): comparison.json, comparison.md,
 each server's log, and each load test's own folder (serve-1/, ray-1/, ray-2/, serve-2/) as
@@ -35,6 +36,9 @@ from unclip.folders import staged_folder
 
 ACCEPT_RATIO = 0.85  # Ray's images/s at least this fraction of plain serve's (issue 13)
 ORDER = ("serve", "ray", "ray", "serve")
+# inherited by both servers (Ray's workers too): OMP_WAIT_POLICY=PASSIVE on a CPU shared with
+# other busy processes, where spinning OpenMP teams run many times slower (docs/serving.md)
+OPENMP = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
 START_S = 300  # a server (Ray: the instance and its replica) is ready within this
 STOP_S = 120  # and has drained and exited within this after SIGTERM
 
@@ -116,7 +120,8 @@ def markdown(doc: dict) -> str:
     lines = [f"# Ray Serve vs plain `unclip serve`, {doc['written']}", "",
              f"`unclip loadtest` at concurrency {doc['concurrency']}, {doc['duration_s']:.0f} s per run, "
              f"model {doc['model']} at its defaults; order {', '.join(r['name'] for r in doc['runs'])}. "
-             f"Machine: {doc['machine']['cpu_model']}, shared with other work (load averages below).", "",
+             f"Machine: {doc['machine']['cpu_model']}, shared with other work (load averages below); "
+             f"OpenMP environment: {doc['openmp'] or 'none'}.", "",
              "| run | images/s | ok | refused | failed | mean batch | p50 latency s | load before, after |",
              "|---|---|---|---|---|---|---|---|"]
     for r in doc["runs"]:
@@ -154,6 +159,7 @@ def main() -> None:
         no_failures = all(r["failed"] == 0 and r["exit_code"] == 0 for r in runs)
         doc = {"written": now(), "command": shlex.join([sys.executable, *sys.argv]), "model": args.model,
                "concurrency": args.concurrency, "duration_s": args.duration, "machine": machine("cpu"),
+               "openmp": {k: os.environ[k] for k in OPENMP if k in os.environ},
                "versions": versions(), "runs": runs, "serve_images_per_s": mean("serve"),
                "ray_images_per_s": mean("ray"), "ratio": ratio, "accept_ratio": ACCEPT_RATIO,
                "no_failures": no_failures, "met": ratio >= ACCEPT_RATIO and no_failures}

@@ -37,7 +37,7 @@ class UnclipArgs(BaseModel):
     device: str = "cpu"
     dtype: str = "fp32"
     max_batch_images: int = 8
-    max_wait_ms: float = 10.0
+    max_wait_ms: float = 50.0  # behind the proxy, a wave of requests arrives spread out (unclip serve --ray)
     max_queue: int = 64
     timeout_s: float | None = None
     max_body_bytes: int = 65536

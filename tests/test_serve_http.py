@@ -171,6 +171,18 @@ def test_a_failed_batch_is_a_500_envelope_and_the_server_keeps_serving(tiny_pipe
     assert good.status_code == 200
 
 
+def test_warm_up_freezes_the_models_objects_out_of_the_garbage_collector(tiny_pipeline):
+    """A full collection walking the model's objects stalls the event loop (a 429 took 280 ms)."""
+    import gc
+
+    gc.unfreeze()
+    try:
+        with running_server(tiny_pipeline, warmup=True) as (_, state):
+            assert state.ready and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_full_queue_gets_429_with_retry_after(tiny_pipeline):
     slow = dict(prior_steps=3, decoder_steps=400, super_res_steps=2)  # keeps the scheduler busy
     with running_server(tiny_pipeline, max_queue=1, max_batch_images=1, max_wait_ms=0) as (url, state):

@@ -45,7 +45,8 @@ def post(url: str, image: bytes | None = png(), **fields) -> httpx.Response:
     if image is not None:
         files = {"image": ("image.png", image, "image/png")}
         return httpx.post(url + VARIATIONS, files=files, data=fields, timeout=WAIT)
-    body = "".join(f'--b\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in fields.items())
+    body = "".join(f'--b\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+                   for k, v in fields.items())
     return httpx.post(url + VARIATIONS, content=(body + "--b--\r\n").encode(), timeout=WAIT,
                       headers={"content-type": "multipart/form-data; boundary=b"})
 

@@ -32,6 +32,7 @@ from unclip.image_commands import interpolate, textdiff, vary
 from unclip.models import DEFAULT_MODEL
 from unclip.output_images import earlier_images, write_images
 from unclip.serve.cli import serve
+from unclip.serve.loadtest import loadtest
 
 
 class _Group(click.Group):
@@ -201,6 +202,7 @@ for command in (vary, interpolate, textdiff, export):
     cli.add_command(command)
 cli.add_command(bench)
 cli.add_command(serve)
+cli.add_command(loadtest)
 
 
 def main() -> None:

@@ -86,11 +86,15 @@ def _gpu(device: str) -> dict[str, str | None]:
     return out
 
 
+def host() -> dict:
+    """The CPU side, without importing torch (for tools that only send requests)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu_model": _cpu_model(), "cpu_cores": os.cpu_count(), "cpu_cores_usable": usable,
+            "memory_gb": _memory_gb(), "os": f"{platform.system()} {platform.release()}",
+            "executable": sys.executable}
+
+
 def machine(device: str) -> dict:
     import torch
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu_model": _cpu_model(), "cpu_cores": os.cpu_count(), "cpu_cores_usable": usable,
-            "torch_threads": torch.get_num_threads(), "memory_gb": _memory_gb(),
-            "os": f"{platform.system()} {platform.release()}", "executable": sys.executable,
-            **_gpu(device)}
+    return {**host(), "torch_threads": torch.get_num_threads(), **_gpu(device)}

@@ -197,9 +197,10 @@ def _constants(path: Path, dims: ModelDims) -> dict[str, torch.Tensor]:
     return constants
 
 
-def artifact_pipeline(folder: str | Path, backend: str, make_backend, stage_runner=None):
-    """A Pipeline over an artifact folder, its networks run by `make_backend(artifact)`: what every
-    backend that serves an export (onnxruntime, openvino) shares."""
+def artifact_pipeline(folder: str | Path, backend: str, make_backend, make_runner=None):
+    """A Pipeline over an artifact folder, its networks run by `make_backend(artifact)` (and its
+    stage loops by `make_runner(backend)`, if given): what every backend that serves an export
+    (onnxruntime, openvino, tensorrt) shares."""
     from unclip.engine.pipeline import Pipeline
 
     folder = Path(folder)
@@ -209,5 +210,6 @@ def artifact_pipeline(folder: str | Path, backend: str, make_backend, stage_runn
     artifact = load_artifact(folder)
     runtime = make_backend(artifact)
     return Pipeline(runtime, artifact.tokenizer, artifact.dims, artifact.schedulers,
-                    model_name=artifact.manifest["source_model"]["name"], stage_runner=stage_runner,
+                    model_name=artifact.manifest["source_model"]["name"],
+                    stage_runner=make_runner(runtime) if make_runner else None,
                     sampler_defaults=artifact.sampler_defaults, image_preprocess=artifact.image_preprocess)

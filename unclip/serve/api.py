@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from unclip.errors import GenerationError, UnclipError
 from unclip.serve.engine import DeadlineExceeded, Engine, QueueFull, RequestCancelled, ShuttingDown
+from unclip.serve.envelope import ApiError, envelope
 
 router = APIRouter()
 
@@ -90,20 +91,6 @@ class ImageVariationForm(BaseModel):
     decoder_steps: int | None = None
     super_res_steps: int | None = None
     decoder_guidance: float | None = None
-
-
-class ApiError(Exception):
-    """An error envelope to send: HTTP status, OpenAI error type and code, the field at fault."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.type, self.param, self.code, self.headers = status, type, param, code, headers
-
-
-def envelope(error: ApiError) -> JSONResponse:
-    body = {"error": {"message": str(error), "type": error.type, "param": error.param, "code": error.code}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 def engine_error(exc: UnclipError, state: ServeState) -> ApiError:

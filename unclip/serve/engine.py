@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -112,11 +113,20 @@ class Job:
 class Engine:
     """Queue, batching, cancellation and metrics around one loaded Pipeline."""
 
-    def __init__(self, pipeline: Pipeline, *, max_batch_images: int = 8, max_wait_ms: float = 10.0,
-                 max_queue: int = 64, metrics: Metrics | None = None):
+    def __init__(self, pipeline: Pipeline | Callable[[], Pipeline], *, max_batch_images: int = 8,
+                 max_wait_ms: float = 10.0, max_queue: int = 64, metrics: Metrics | None = None):
+        """`pipeline`: a loaded Pipeline, or a function that loads one, which the engine then calls on
+        its scheduler thread (`wait_loaded()` waits for it). On a CPU, prefer the function: torch's
+        OpenMP threads spin only for the first thread that computes, and a model loaded on one
+        thread and run on another ran 2-2.4x slower (docs/serving.md, "Threads")."""
         if max_batch_images < 1 or max_queue < 1 or max_wait_ms < 0:
             raise UnclipError("max_batch_images and max_queue must be >= 1 and max_wait_ms >= 0")
-        self.pipeline = pipeline
+        self._loader = pipeline if callable(pipeline) else None
+        self.pipeline = None if self._loader else pipeline
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        if self._loader is None:
+            self._loaded.set()
         self.max_batch_images = max_batch_images
         self.max_wait_s = max_wait_ms / 1000
         self.max_queue = max_queue
@@ -132,12 +142,21 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="unclip-scheduler", daemon=True)
         self._thread.start()
 
+    def wait_loaded(self, timeout: float | None = None) -> Pipeline:
+        """The pipeline, once loaded; re-raises the loader's error (an UnclipError for a bad model)."""
+        if not self._loaded.wait(timeout):
+            raise UnclipError(f"the model did not load within {timeout} s")
+        if self._load_error is not None:
+            raise self._load_error
+        return self.pipeline
+
     # -- submitting -----------------------------------------------------------------------------
 
     def submit(self, prompt: str | list[str], *, n: int = 1, seed: int | None = None,
                timeout_s: float | None = None, **settings) -> Job:
         """Queue a request (`n` images per prompt; settings as Pipeline.generate). Bad input raises
         UnclipError here; a full queue QueueFull; a draining engine ShuttingDown."""
+        self._check_loaded()
         limits = self.pipeline.limits  # the same limits as Pipeline.generate (engine.settings.Limits)
         prompts = check_prompts(prompt, limits)
         s = self.pipeline.settings(num_images=n, **settings)
@@ -151,12 +170,17 @@ class Engine:
         """Queue `n` variations of one image (encoded bytes, a path or a PIL image; settings as
         Pipeline.vary). The image is decoded and preprocessed here, in the caller's thread; the image
         encoder runs in the batch. Variations batch with variations only."""
+        self._check_loaded()
         s = self.pipeline.image_settings(num_images=n, **settings)
         self.pipeline.limits.check_images(1, s.num_images)
         seed = self._check(seed, timeout_s)
         pixels = preprocess(self.pipeline, [image], "a variation")
         return self._enqueue(lambda generator: Request([""], s, generator, pixel_values=pixels), seed,
                              timeout_s)
+
+    def _check_loaded(self) -> None:
+        if not self._loaded.is_set():
+            raise ShuttingDown("the model is still loading; retry in a moment")
 
     @staticmethod
     def _check(seed: int | None, timeout_s: float | None) -> int:
@@ -258,6 +282,14 @@ class Engine:
     # -- the scheduler thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self._loader is not None:  # torch's first computing thread: this one (see __init__)
+            try:
+                self.pipeline = self._loader()
+            except BaseException as exc:  # noqa: BLE001 - handed to wait_loaded's caller
+                self._load_error, self._accepting = exc, False
+                return
+            finally:
+                self._loaded.set()
         while True:
             with self._cond:
                 batch = self._next_batch()

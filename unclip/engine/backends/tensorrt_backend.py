@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from unclip.engine.artifact import Artifact, load_artifact
+from unclip.engine.artifact import Artifact, artifact_pipeline
 from unclip.errors import UnclipError
 from unclip.export import tensorrt_cache
 from unclip.export.tensorrt_check import polygraphy_log
@@ -134,20 +134,7 @@ def enqueue(context, current, own, capturing: bool) -> bool:
 def load_tensorrt_pipeline(folder: str | Path, device: str = "cuda", cuda_graphs: bool = False):
     """A Pipeline over an artifact folder with engines (made by `unclip export tensorrt`);
     `cuda_graphs` captures each stage's whole loop, engine calls included."""
-    from unclip.engine.pipeline import Pipeline
+    from unclip.engine.cuda_graphs import StageRunner
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UnclipError(f"with --backend tensorrt, --model must be an artifact folder made by "
-                          f"`unclip export onnx --out DIR` and `unclip export tensorrt --artifacts DIR`; "
-                          f"{str(folder)!r} is not a folder")
-    artifact = load_artifact(folder)
-    backend = TensorRTBackend(artifact, device)
-    runner = None
-    if cuda_graphs:
-        from unclip.engine.cuda_graphs import StageRunner
-
-        runner = StageRunner(backend, capture=True, kernels=False)
-    return Pipeline(backend, artifact.tokenizer, artifact.dims, artifact.schedulers,
-                    model_name=artifact.manifest["source_model"]["name"], stage_runner=runner,
-                    sampler_defaults=artifact.sampler_defaults, image_preprocess=artifact.image_preprocess)
+    runner = (lambda backend: StageRunner(backend, capture=True, kernels=False)) if cuda_graphs else None
+    return artifact_pipeline(folder, "tensorrt", lambda artifact: TensorRTBackend(artifact, device), runner)

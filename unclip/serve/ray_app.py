@@ -1,0 +1,168 @@
+"""The Ray Serve front end: replicas behind one endpoint, each one loaded model and one Engine.
+
+A replica is `create_app(state)` from server.py, the routes of api.py, around its own Engine
+(queue, batching, metrics): Ray's HTTP proxy routes each request to a replica, and a replica
+answers exactly as `unclip serve` does. Ray adds what one process cannot: replicas on many
+machines, restarts of dead ones, autoscaling, and load shedding in front of the replicas
+(`max_queued_requests`). The replica's identity in headers, logs and metric labels is Ray's
+replica id. docs/ray.md has the cluster files; `build_app` is what a Ray Serve config imports.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import threading
+
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+from ray.serve import Application
+
+from unclip.errors import UnclipError
+
+log = logging.getLogger("unclip.serve")
+APP = "unclip"  # the application's name in Ray Serve (serve status, logs, metrics)
+
+
+class UnclipArgs(BaseModel):
+    """What a replica loads and how its engine batches: the `args:` of a Ray Serve config, with
+    the meaning of `unclip serve`'s options of the same names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "demo"
+    backend: str = "torch"
+    device: str = "cpu"
+    dtype: str = "fp32"
+    max_batch_images: int = 8
+    max_wait_ms: float = 50.0  # behind the proxy, a wave of requests arrives spread out (unclip serve --ray)
+    max_queue: int = 64
+    timeout_s: float | None = None
+    max_body_bytes: int = 65536
+    torch_threads: int | None = None  # default: OMP_NUM_THREADS, which Ray sets to the replica's CPUs
+
+
+# Defaults for `serve run` without a config; deploy/ray/*.yaml set each of these per cluster.
+@serve.deployment(
+    name="unclip",
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=16,  # two batches of 8: one running, one filling; the engine holds them
+    max_queued_requests=64,  # requests waiting for a replica at each proxy; beyond: 429 at once
+    backpressure_config={"status_code": 429, "retry_after_s": 1},  # as `unclip serve`'s full queue
+    graceful_shutdown_timeout_s=30,  # a stopping replica finishes what it holds, as --drain-s
+    health_check_period_s=5,
+)
+@serve.ingress()
+class UnclipReplica:
+    def __init__(self, args: dict | None = None):
+        import torch
+
+        import unclip
+        from unclip.serve.api import ServeState
+        from unclip.serve.cli import log_to_stderr
+        from unclip.serve.engine import Engine
+        from unclip.serve.metrics import Metrics
+
+        a = UnclipArgs.model_validate(args or {})
+        replica = serve.get_replica_context().replica_tag
+        log_to_stderr()
+        torch.set_num_threads(a.torch_threads or _omp_threads())
+        # loaded on the engine's scheduler thread, the one that computes (Engine.__init__ says why)
+        engine = Engine(lambda: unclip.load(model_for_this_gpu(a.model, a.device), backend=a.backend,
+                                            device=a.device, dtype=a.dtype),
+                        max_batch_images=a.max_batch_images, max_wait_ms=a.max_wait_ms,
+                        max_queue=a.max_queue, metrics=Metrics(labels={"replica": replica}))
+        pipe = engine.wait_loaded()
+        self.state = ServeState(engine, model=a.model, image_size=pipe.dims.super_res_size, replica=replica,
+                                timeout_s=a.timeout_s, max_body_bytes=a.max_body_bytes)
+        # Ray routes to a replica once __init__ returns: warm up first, so no request waits on it
+        engine.warmup()
+        # the model's objects live as long as the replica: out of the collector's full passes,
+        # which would hold the GIL (and the event loop) for a long while each
+        gc.collect()
+        gc.freeze()
+        self.state.ready = True
+        log.info("replica %s ready: model %s, pid %d, torch threads %d", replica, a.model, os.getpid(),
+                 torch.get_num_threads())
+
+    def __serve_build_asgi_app__(self):
+        from unclip.serve.server import create_app
+
+        return create_app(self.state, warmup=False)
+
+    def __del__(self):
+        # Ray waited graceful_shutdown_timeout_s for requests in flight; whatever is left is cancelled
+        state = getattr(self, "state", None)
+        if state is not None:
+            state.engine.shutdown(0)
+
+
+def model_for_this_gpu(model: str, device: str) -> str:
+    """`{gpu}` in a model path becomes this replica's GPU, named as TensorRT engine files name it
+    (`nvidia-a100-sxm4-80gb-sm80`): one deployment over several GPU types, one folder each."""
+    if "{gpu}" not in model:
+        return model
+    if not device.startswith("cuda"):
+        raise UnclipError(f"model {model!r} names a folder per GPU type ({{gpu}}) but the device is "
+                          f"{device!r}; use device cuda or a plain folder")
+    import torch
+
+    from unclip.export.tensorrt_cache import _slug
+
+    index = torch.device(device).index or 0
+    major, minor = torch.cuda.get_device_capability(index)
+    return model.replace("{gpu}", f"{_slug(torch.cuda.get_device_name(index))}-sm{major}{minor}")
+
+
+def _omp_threads() -> int:
+    """OMP_NUM_THREADS: Ray sets it to the replica's whole CPUs (at least one) unless the
+    environment of `ray start` (or of `unclip serve --ray`) has it already."""
+    return max(1, int(os.environ.get("OMP_NUM_THREADS") or 1))
+
+
+def build_app(args: dict) -> Application:
+    """The application a Ray Serve config imports (`import_path: unclip.serve.ray_app:build_app`);
+    `args` are checked here, so that a misspelt one fails the deploy, not each replica."""
+    return UnclipReplica.bind(UnclipArgs.model_validate(args).model_dump())
+
+
+def run_local(args: UnclipArgs, *, host: str, port: int, replicas: int, max_ongoing_requests: int,
+              max_queued_requests: int, drain_s: float) -> None:
+    """`unclip serve --ray`: a local Ray instance, `replicas` replicas behind HOST:PORT, until
+    SIGTERM or Ctrl-C; then each replica finishes what it holds (up to `drain_s`) and Ray stops.
+    The environment is set before `ray` is first imported (unclip.serve.cli)."""
+    import click
+    import ray
+
+    cpus = os.cpu_count() or 1
+    # CPU: the cores shared out, one torch thread per whole core; GPU: one device per replica
+    cuda = args.device.startswith("cuda")
+    actor = {"num_cpus": 1, "num_gpus": 1} if cuda else {"num_cpus": cpus / replicas}
+    app = UnclipReplica.options(num_replicas=replicas, ray_actor_options=actor,
+                                max_ongoing_requests=max_ongoing_requests,
+                                max_queued_requests=max_queued_requests,
+                                graceful_shutdown_timeout_s=drain_s).bind(args.model_dump())
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
+             _node_ip_address="127.0.0.1")
+    stop = threading.Event()  # set by SIGTERM or Ctrl-C, from here on (ray.init put in its own handler)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        try:
+            serve.run(app, name=APP, route_prefix="/", blocking=False)
+        except RuntimeError as exc:  # a replica failed to start: its error is in the log above
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise UnclipError(f"the Ray Serve replicas did not start ({first}); see the replica log above, "
+                              "fix the model or options and retry") from None
+        click.echo(f"unclip: serving {args.model} on http://{host}:{port} through Ray Serve "
+                   f"({replicas} replica{'s' if replicas > 1 else ''})", err=True)
+        while not stop.wait(1):
+            pass
+        log.info("stopping: replicas finish what they hold for up to %.0f s", drain_s)
+        serve.delete(APP)  # Ray stops routing to the replicas and waits for their requests
+        serve.shutdown()
+    finally:
+        ray.shutdown()

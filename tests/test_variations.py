@@ -228,6 +228,31 @@ def test_saved_checkpoint_keeps_the_image_encoder(tiny_folder, tiny_pipeline):
     assert np.array_equal(a, b)
 
 
+def test_image_conditioned_sampler_defaults(tiny_folder, tmp_path):
+    """sampler_defaults.json's image_conditioned section sets vary/interpolate/text_diff's defaults
+    over the file's own, and leaves generate's alone; a bad value in it is one line."""
+    import unclip
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder, model)
+    defaults = model / "sampler_defaults.json"
+    defaults.write_text(json.dumps({"decoder_guidance": 1.0, "decoder_steps": 3,
+                                    "image_conditioned": {"decoder_guidance": 2.5}}))
+    pipe = unclip.load(model)
+    assert (pipe.settings().decoder_guidance, pipe.settings().decoder_steps) == (1.0, 3)
+    assert (pipe.image_settings().decoder_guidance, pipe.image_settings().decoder_steps) == (2.5, 3)
+    assert pipe.image_settings(decoder_guidance=4.0).decoder_guidance == 4.0
+    guided = pipe.vary(noise_image(0), seed=1, output_type="np", super_res_steps=2)
+    explicit = pipe.vary(noise_image(0), seed=1, output_type="np", super_res_steps=2, decoder_guidance=2.5)
+    unguided = pipe.vary(noise_image(0), seed=1, output_type="np", super_res_steps=2, decoder_guidance=1.0)
+    assert float(np.abs(guided - explicit).max()) <= 1e-6  # the same computation up to float32 rounding
+    assert float(np.abs(guided - unguided).max()) > 0.05
+    defaults.write_text(json.dumps({"image_conditioned": {"decoder_guidance": 0.5}}))
+    with pytest.raises(UnclipError) as info:
+        unclip.load(model)
+    assert "image_conditioned.decoder_guidance must be" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_demo_preprocessing_is_what_its_clip_was_trained_on(demo_pipeline):
     """The demo's CLIP saw 32 px renders as rgb / 127.5 - 1 (training/train_demo.py): a 32 px render
     given as it is must reach the encoder as exactly that, and its embedding is normalised."""

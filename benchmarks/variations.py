@@ -8,6 +8,7 @@ Acceptance, as the issue states it (each checked here, reported met or not, neve
   fields, >= 80 % of pairs, the same bar), and the mean CLIP similarity to A falls frame by frame;
 * a text diff "a red S on a B background" -> "a blue S ..." at full amount: shape blue and kind
   kept in >= 70 %.
+And a diagnosis: the scenes' own embeddings decoded with and without their captions' tokens.
 
     PYTHONPATH=$PWD python3 benchmarks/variations.py        # ~5 min on 2 cores
     PYTHONPATH=$PWD python3 benchmarks/variations.py --seed 1 --out /tmp/validation   # another seed
@@ -61,6 +62,7 @@ def main() -> None:
                                                         progress=True, **chosen)
     text_diffs = evaluation.evaluate_text_diffs(pipe, per_combination=args.per_combination, seed=args.seed,
                                                 progress=True, **chosen)
+    caption_dependence = evaluation.evaluate_caption_dependence(pipe, seed=args.seed, progress=True, **chosen)
     seconds = time.perf_counter() - t0
 
     v, first, last = variations["summary"], interpolations["first_frame_reads_as_a"], \
@@ -90,6 +92,7 @@ def main() -> None:
                      for k in ("decoder_steps", "super_res_steps", "decoder_guidance")},
         "checks": checks, "all_met": all(c["met"] for c in checks.values()),
         "variations": variations, "interpolations": interpolations, "text_diffs": text_diffs,
+        "caption_dependence": caption_dependence,
     }
     with staged_folder(args.out) as tmp:
         (tmp / "results.json").write_text(json.dumps(document, indent=2) + "\n")
@@ -147,6 +150,17 @@ def markdown(d: dict) -> str:
     for amount, r in t["by_amount"].items():
         lines.append(f"| {amount} | {pct(r['colour_accuracy'])} | {pct(r['shape_accuracy'])} | "
                      f"{pct(r['background_accuracy'])} | {pct(r['all_three'])} |")
+    c = d["caption_dependence"]
+    lines += ["", f"Diagnosis (not an acceptance bar): each of {c['scenes']} scenes' own image embedding "
+              "decoded with the same noise, with an empty caption (as a variation) and with the scene's "
+              "caption tokens (as the decoder saw it in most of its training):", "",
+              "| decoded from the scene's embedding with | background | shape colour | shape kind "
+              "| all three |",
+              "|---|---:|---:|---:|---:|"]
+    for key, label in (("empty_caption", "an empty caption (a variation)"), ("scene_caption", "its caption")):
+        r = c[key]
+        lines.append(f"| {label} | {pct(r['background_accuracy'])} | {pct(r['colour_accuracy'])} | "
+                     f"{pct(r['shape_accuracy'])} | {pct(r['all_three'])} |")
     lines += ["", f"All acceptance bars met: {d['all_met']}.", ""]
     return "\n".join(lines)
 

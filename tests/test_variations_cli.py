@@ -127,6 +127,7 @@ def no_encoder_model(tiny_folder, tmp_path) -> Path:
     (["vary", "missing.png"], ["image 'missing.png' does not exist"]),
     (["vary", "{text}"], ["is not an image unclip reads"]),
     (["vary", "{huge}"], ["more pixels than PIL decodes safely", "10000000000 pixels"]),
+    (["vary", "{big}"], ["5000x5000 = 25,000,000 pixels, above the limit of 16,777,216"]),
     (["vary", "{picture}", "--num-images", "0"], ["--num-images must be a positive integer"]),
     (["vary", "{picture}", "--decoder-guidance", "0.5"], ["--decoder-guidance must be"]),
     (["interpolate", "{picture}", "typo.png"], ["image 'typo.png' does not exist"]),
@@ -146,7 +147,8 @@ def test_bad_input_is_one_line_and_writes_nothing(pictures, no_encoder_model, tm
     text = tmp_path / "notes.png"
     text.write_text("not a picture")
     huge = huge_png(tmp_path / "huge.png", 10**5, 10**5)
-    names = {"picture": str(pictures[0]), "text": str(text), "huge": str(huge),
+    big = huge_png(tmp_path / "big.png", 5000, 5000)  # under PIL's guard, over unclip's pixel limit
+    names = {"picture": str(pictures[0]), "text": str(text), "huge": str(huge), "big": str(big),
              "no_encoder": str(no_encoder_model)}
     args = [a.format(**names) for a in args]
     model = [] if "--model" in args else ["--model", "tiny"]

@@ -8,6 +8,9 @@ trained CLIP's image tower.
   as A, the last as B, and the CLIP image similarity of the frames to A should fall frame by frame.
 * text diffs: rendered red shapes moved from "a red S on a B background" to "a blue S on a B
   background"; at full amount the shape should be blue and keep its kind (and the background).
+* caption dependence (a diagnosis, not a feature): each scene's own image embedding decoded with
+  an empty caption, as a variation is, and with the scene's caption tokens, as the decoder saw it
+  in most of its training: how much of the shape the embedding alone carries to the decoder.
 
 Scenes come from a seeded generator (`seed`), so a run is reproducible; choose settings on
 another seed than the one reported.
@@ -115,6 +118,29 @@ def evaluate_text_diffs(pipe, per_combination: int = 4, amounts=(0.0, 0.25, 0.5,
     return {"combinations": [f"a {source} {s} on a {b} background" for _, s, b in combos],
             "per_combination": per_combination, "by_amount": table,
             "full_amount_blue_and_kind_kept": float(np.mean([r["colour"] and r["shape"] for r in full]))}
+
+
+def evaluate_caption_dependence(pipe, seed: int = 0, chunk: int = 12, progress: bool = False,
+                                **settings) -> dict:
+    """Every trained combination, one rendered scene each, decoded from its own image embedding with
+    the same noise twice: empty caption (a variation) and the scene's caption."""
+    from unclip.engine.batch import Request
+    from unclip.engine.image_conditioned import preprocess
+
+    rng = np.random.default_rng(seed)
+    scenes = scenes_for(training_combinations(), rng)
+    s = pipe.image_settings(**settings)
+    rows: dict[str, list[dict[str, bool]]] = {"empty_caption": [], "scene_caption": []}
+    for start in tqdm(range(0, len(scenes), chunk), desc="caption dependence", disable=not progress):
+        part = scenes[start:start + chunk]
+        embeds = pipe.encode_images(preprocess(pipe, [render(x) for x in part], "the evaluation"))
+        for key in rows:  # the same noise for both: one generator per scene, seeded alike
+            requests = [Request([x.caption if key == "scene_caption" else ""], s,
+                                torch.Generator("cpu").manual_seed(seed * 10_000 + start + i),
+                                image_embeds=embeds[i:i + 1]) for i, x in enumerate(part)]
+            images = _uint8(torch.cat(pipe.generate_requests(requests)).permute(0, 2, 3, 1).numpy())
+            rows[key] += [matches(img, x) for img, x in zip(images, part, strict=True)]
+    return {"scenes": len(scenes), **{key: _rates(r) for key, r in rows.items()}}
 
 
 def clip_image_encoder(pipe):

@@ -3,7 +3,7 @@ and text diffs through ORT give the torch backend's images.
 
 Tolerance 2/255 max abs on [0, 1] images: the issue's bound for fp32 artifacts, as for
 text-to-image (tests/test_onnx_runtime.py); per-network differences are ~1e-6. The demo model
-(trained weights) measures 0.005/255 at most on all three.
+(trained weights) measures 0.003/255 at most on all three.
 """
 
 from __future__ import annotations

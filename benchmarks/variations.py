@@ -13,7 +13,7 @@ And a diagnosis: the scenes' own embeddings decoded with and without their capti
     PYTHONPATH=$PWD python3 benchmarks/variations.py        # ~5 min on 2 cores
     PYTHONPATH=$PWD python3 benchmarks/variations.py --seed 1 --out /tmp/validation   # another seed
 
-Output (all or nothing; default benchmarks/results/variations/): results.json (machine, versions,
+Output (all or nothing; default benchmarks/results/variations/demo/): results.json (machine, versions,
 date, command, settings, every number) and results.md (the summary table).
 """
 
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=7, help="frames per interpolation")
     parser.add_argument("--per-combination", type=int, default=4, help="text-diff scenes per combination")
     parser.add_argument("--decoder-guidance", type=float, help="instead of the model's default (a sweep)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/variations"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/variations/demo"))
     args = parser.parse_args()
 
     import unclip

@@ -12,7 +12,7 @@
   5. with --sweep, 8 clients against each batching setting in SWEEP (what batching buys).
 
 Servers listen on 127.0.0.1 only, on free ports; every process started here is stopped here.
-Output (all or nothing, default benchmarks/results/serve/): results.json, results.md,
+Output (all or nothing, default benchmarks/results/serve/http/): results.json, results.md,
 serve_load.png, and each load test's own folder (load/, queue/, sweep-*/).
 
     PYTHONPATH=$PWD python3 benchmarks/serve_load.py                # ~10 min on 2 cores
@@ -175,7 +175,7 @@ def verdicts(single: float, load: dict, queue: dict, duration: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve/http"))
     parser.add_argument("--duration", type=float, default=60.0,
                         help="seconds per load level (>= 60 to accept)")
     parser.add_argument("--queue-duration", type=float, default=60.0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import os
 import re
@@ -38,6 +39,15 @@ from tests.serve_helpers import free_port
 GEN = "/v1/images/generations"
 START = 300  # seconds for Ray and its replicas to start on a loaded 2-core machine (not reached if it works)
 WAIT = 120  # seconds a client waits for one answer (not reached when it works)
+
+
+def wait_for(condition, what: str, seconds: float, detail=lambda: "") -> None:
+    """Poll until `condition()` holds: a bounded wait, not a statement about speed."""
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what} {detail()}")
+        time.sleep(0.05)
 STEPS = dict(prior_steps=5, decoder_steps=5, super_res_steps=3)  # as tests/test_serve_http.py's CLI check
 REPO = Path(__file__).resolve().parent.parent
 
@@ -202,10 +212,9 @@ def test_a_killed_replica_is_restarted_and_an_openai_client_loses_nothing(two_re
     users = [threading.Thread(target=user, args=(c,)) for c in range(6)]
     for t in users:
         t.start()
-    end = time.monotonic() + WAIT
-    while not set(before) <= {a[2] for a in attempts}:  # both replicas have answered: load on each
-        assert time.monotonic() < end and not errors, errors
-        time.sleep(0.05)
+    # both replicas have answered: load on each
+    wait_for(lambda: errors or set(before) <= {a[2] for a in attempts}, "both replicas to answer", WAIT)
+    assert not errors, errors
     victim, survivor = list(before)
     os.kill(before[victim], signal.SIGKILL)
     for t in users:
@@ -219,13 +228,13 @@ def test_a_killed_replica_is_restarted_and_an_openai_client_loses_nothing(two_re
         assert json.loads(body)["error"]["type"] == "server_error", body  # the envelope, from Ray's proxy
     assert all(status == 200 for _, status, replica, _ in attempts if replica == survivor)
 
-    end = time.monotonic() + START  # Ray replaces the dead replica; the new one serves
-    while len(server.replicas()) < 3:
-        assert time.monotonic() < end, server.text()[-3000:]
-        time.sleep(0.5)
+    # Ray replaces the dead replica; the new one serves
+    wait_for(lambda: len(server.replicas()) >= 3, "Ray to start a new replica", START,
+             lambda: server.text()[-3000:])
     new = next(r for r in server.replicas() if r not in before)
     assert not psutil.pid_exists(before[victim]) or psutil.Process(before[victim]).status() == "zombie"
-    seen, end = set(), time.monotonic() + START
+    seen = set()
+    end = time.monotonic() + START
     while new not in seen and time.monotonic() < end:  # until Ray routes to it (the proxy picks at random)
         seen.add(httpx.get(server.url + "/health/ready").headers.get("x-unclip-replica"))
         time.sleep(0.05)
@@ -244,11 +253,16 @@ def test_sigterm_lets_held_requests_finish_and_exits_0(two_replicas):
                 for p, _ in CASES + CASES[:1]]
         time.sleep(2)  # the proxy hands them to the replicas within milliseconds
         server.proc.send_signal(signal.SIGTERM)
-        end = time.monotonic() + WAIT
-        while (late := httpx.get(server.url + "/health/live")).status_code == 200:  # until the app is going
-            assert time.monotonic() < end and not any(f.done() for f in held)
-            time.sleep(0.05)
-        answers = [f.result() for f in held]
+        seen = {}
+
+        def app_going() -> bool:
+            seen["done early"] = any(f.done() for f in held)
+            seen["late"] = httpx.get(server.url + "/health/live")
+            return seen["done early"] or seen["late"].status_code != 200
+
+        wait_for(app_going, "the application to go", WAIT)
+        assert not seen["done early"]  # still held when the application began to drain
+        answers, late = [f.result() for f in held], seen["late"]
     assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
     assert late.status_code == 503 and late.json()["error"]["code"] == "unavailable", late.text
     assert int(late.headers["retry-after"]) >= 1
@@ -262,15 +276,16 @@ def test_backpressure_refuses_the_excess_at_once_and_accepted_requests_finish(tm
     request is done, and every accepted request succeeds."""
     slow = dict(prior_steps=3, decoder_steps=300, super_res_steps=2)  # ~3 s on tiny: outlasts the burst
     barrier = threading.Barrier(12)
+    events = itertools.count()  # the order of sends and answers across the clients (next() is atomic)
     with ray_server(tmp_path / "serve.log", "--model", "tiny", "--max-batch-images", "1",
                     "--max-ongoing-requests", "1", "--max-queue", "2") as server:
 
-        def ask(k: int) -> tuple[httpx.Response, float, float]:
+        def ask(k: int) -> tuple[httpx.Response, int, int]:
             with httpx.Client(timeout=WAIT) as client:  # made before the barrier: all send at once
                 barrier.wait(WAIT)
-                sent = time.monotonic()
+                sent = next(events)
                 response = client.post(server.url + GEN, json={"prompt": f"p{k}", **slow})
-            return response, sent, time.monotonic()
+            return response, sent, next(events)
 
         with ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(ask, range(12)))

@@ -118,7 +118,7 @@ class Engine:
         """`pipeline`: a loaded Pipeline, or a function that loads one, which the engine then calls on
         its scheduler thread (`wait_loaded()` waits for it). On a CPU, prefer the function: torch's
         OpenMP threads spin only for the first thread that computes, and a model loaded on one
-        thread and run on another ran 2-2.4x slower (docs/serving.md, "Threads")."""
+        thread and run on another ran 2-2.4x slower (docs/serving.md, "CPU threads")."""
         if max_batch_images < 1 or max_queue < 1 or max_wait_ms < 0:
             raise UnclipError("max_batch_images and max_queue must be >= 1 and max_wait_ms >= 0")
         self._loader = pipeline if callable(pipeline) else None

@@ -1,5 +1,5 @@
-"""The image encoder in the ONNX export and the ONNX Runtime backend: variations, interpolations
-and text diffs through ORT give the torch backend's images.
+"""The image encoder in the ONNX export and the ONNX Runtime backend (and OpenVINO's): variations,
+interpolations and text diffs through ORT give the torch backend's images.
 
 Tolerance 2/255 max abs on [0, 1] images: the issue's bound for fp32 artifacts, as for
 text-to-image (tests/test_onnx_runtime.py); per-network differences are ~1e-6. The demo model
@@ -59,6 +59,17 @@ def runs(scenes: list[Image.Image], captions: tuple[str, str], **steps) -> dict:
 def test_ort_variations_match_torch(tiny_ort, tiny_pipeline):
     run = runs([picture(1), picture(2, 20, 20)], ("a red circle", "a blue circle"), **IMAGE_STEPS)["vary"]
     ours, reference = run(tiny_ort[1]), run(tiny_pipeline)
+    assert ours.shape == reference.shape and reference.std() > 0.05
+    assert float(np.abs(ours - reference).max()) <= FP32_TOLERANCE
+
+
+def test_openvino_variations_match_torch(tiny_ort, tiny_pipeline):
+    """The same artifact on the OpenVINO backend (fp32): its image encoder too."""
+    import unclip
+
+    runtime = unclip.load(tiny_ort[0], backend="openvino")
+    run = runs([picture(1), picture(2, 20, 20)], ("a red circle", "a blue circle"), **IMAGE_STEPS)["vary"]
+    ours, reference = run(runtime), run(tiny_pipeline)
     assert ours.shape == reference.shape and reference.std() > 0.05
     assert float(np.abs(ours - reference).max()) <= FP32_TOLERANCE
 

@@ -27,7 +27,8 @@ def tiny_pipeline(tiny_components):
     from unclip.models.networks import model_dims
 
     c = tiny_components
-    return Pipeline(TorchBackend(c), c.tokenizer, model_dims(c), c.schedulers, model_name="tiny")
+    return Pipeline(TorchBackend(c), c.tokenizer, model_dims(c), c.schedulers, model_name="tiny",
+                    image_preprocess=c.image_preprocess)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ def free_port() -> int:
 @contextmanager
 def running_server(pipeline, *, model: str = "tiny", warmup: bool = False, **engine_options) -> Iterator:
     """Yields (base_url, state); the engine's options (max_batch_images, ...) as keywords, plus
-    `timeout_s` and `max_body_bytes` for the state."""
+    `timeout_s`, `max_body_bytes` and `max_upload_bytes` for the state."""
     import uvicorn
 
     from unclip.serve.api import ServeState
@@ -28,7 +28,8 @@ def running_server(pipeline, *, model: str = "tiny", warmup: bool = False, **eng
     from unclip.serve.metrics import Metrics
     from unclip.serve.server import create_app
 
-    state_options = {k: engine_options.pop(k) for k in ("timeout_s", "max_body_bytes") if k in engine_options}
+    state_options = {k: engine_options.pop(k) for k in ("timeout_s", "max_body_bytes", "max_upload_bytes")
+                     if k in engine_options}
     engine = Engine(pipeline, **{"max_batch_images": 8, "max_wait_ms": 10, "max_queue": 16,
                                  "metrics": Metrics(labels={"replica": "test-replica"}), **engine_options})
     state = ServeState(engine, model=model, image_size=pipeline.dims.super_res_size, replica="test-replica",

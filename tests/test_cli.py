@@ -243,7 +243,10 @@ def test_bad_sampler_defaults(tiny_folder, tmp_path, text, needles):
     ("prior", ["mylib", "PriorTransformer"], ["prior.0 must be 'diffusers'", "'mylib'"]),
     ("decoder_scheduler", ["diffusers", "DDIMScheduler"], ["decoder_scheduler.1 must be 'UnCLIPScheduler'"]),
     ("tokenizer", "CLIPTokenizer", ["tokenizer must be"]),
-    ("feature_extractor", ["transformers", "CLIPImageProcessor"], ["unknown key 'feature_extractor'"]),
+    ("feature_extractor", ["transformers", "ViTImageProcessor"],
+     ["feature_extractor must be 'CLIPImageProcessor'", "'ViTImageProcessor'"]),
+    ("safety_checker", ["stable_diffusion", "StableDiffusionSafetyChecker"],
+     ["unknown key 'safety_checker'"]),
     ("_class_name", "StableDiffusionPipeline", ["_class_name must be 'UnCLIPPipeline'"]),
 ])
 def test_item_5_model_index_names_the_classes_we_load(tiny_folder, tmp_path, component, entry, needles):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -81,14 +82,19 @@ def test_profiles_cover_the_rows_the_pipeline_asks_for(tiny_pipeline, prompts, s
     from unclip.engine.pipeline import Pipeline
 
     recorder = RecordingBackend(tiny_pipeline.backend)
-    pipe = Pipeline(recorder, tiny_pipeline.tokenizer, tiny_pipeline.dims, tiny_pipeline.schedulers)
+    pipe = Pipeline(recorder, tiny_pipeline.tokenizer, tiny_pipeline.dims, tiny_pipeline.schedulers,
+                    image_preprocess=tiny_pipeline.image_preprocess)
     pipe.generate(prompts, output_type="np", **{**FAST_STEPS, **settings})
+    # variations of as many images: the image encoder sees one row per input image
+    blank = np.zeros((16, 16, 3), np.uint8)
+    pipe.vary([blank] * len(prompts), output_type="np", **{**FAST_STEPS, **settings})
     images = len(prompts) * settings.get("num_images", 1)
     assert set(recorder.seen) == set(ROWS)
+    assert recorder.seen["image_encoder"] == {len(prompts)}
     for network, rows in recorder.seen.items():
         profile = profile_for(network, [1, images])
         assert all(profile.min <= r <= profile.max for r in rows), (network, rows, profile)
-        if expect_guided and network != "text_encoder":
+        if expect_guided and network not in ("text_encoder", "image_encoder"):
             assert rows == {ROWS[network][0](images)}, network
     if expect_guided and len(prompts) == images:
         assert recorder.seen["text_encoder"] == {ROWS["text_encoder"][0](images)}
@@ -191,7 +197,7 @@ def test_runtime_refusal_lists_every_problem_and_the_fix(built):
     with pytest.raises(UnclipError) as info:
         cache.require_engines(built, manifest, list(manifest["networks"]), "fp16", TRT11)
     message = str(info.value)
-    assert message.count("built with TensorRT 10.13.0.35") == 6
+    assert message.count("built with TensorRT 10.13.0.35") == len(manifest["networks"])  # each one
     assert message.endswith(f"`unclip export tensorrt --artifacts {built} --rebuild`")
 
 
@@ -434,7 +440,6 @@ def function_runner(spec, run, name):
     import time
     from collections import OrderedDict
 
-    import numpy as np
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
 
@@ -570,7 +575,8 @@ def test_cli_up_to_date_engines_are_not_rebuilt(built, monkeypatch):
     monkeypatch.setattr(build, "build_engine", lambda *a, **k: pytest.fail("nothing should be built"))
     result = run_cli("export", "tensorrt", "--artifacts", str(built), "--batch-sizes", "1,4")
     assert result.exit_code == 0, result.output
-    assert result.stdout.count("up to date") == 6
+    networks = json.loads((built / "manifest.json").read_text())["networks"]
+    assert result.stdout.count("up to date") == len(networks)
 
 
 def test_cli_builds_only_what_is_missing(built, monkeypatch):
@@ -602,7 +608,8 @@ def test_cli_builds_only_what_is_missing(built, monkeypatch):
     monkeypatch.setattr(cache, "current_target", lambda index=None: L4)
     result = run_cli("export", "tensorrt", "--artifacts", str(built), "--batch-sizes", "1,4", "--rebuild")
     assert result.exit_code == 0, result.output
-    assert len(calls) == 7 and result.stdout.count(" built ") == 6
+    networks = len(recorded)
+    assert len(calls) == 1 + networks and result.stdout.count(" built ") == networks
     new = json.loads((built / "manifest.json").read_text())["tensorrt"]["engines"]
     assert all("nvidia-l4-sm89" in e["file"] and (built / e["file"]).is_file() for e in new.values())
     assert not any((built / f).exists() for f in old.values())  # replaced engines are deleted

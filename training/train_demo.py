@@ -366,9 +366,11 @@ def save_model(trainer: Trainer, out: Path, command: str, started: float) -> Non
     enc.config.to_json_file(tmp / "image_encoder" / "config.json")
     save_file({k: v.contiguous() for k, v in enc.state_dict().items()},
               tmp / "image_encoder" / "model.safetensors", metadata={"format": "pt"})
+    # CLIP saw 32 px renders in rgb / 127.5 - 1 (ShapesData): the 2x2 mean of a 64 px image, and
+    # L2-normalised embeddings (_image_embeds), which the prior and decoder were trained on
     (tmp / "image_encoder" / "preprocess.json").write_text(json.dumps(
-        {"resolution": 32, "resize": "area (2x2 mean of the 64 px image)",
-         "pixel_values": "rgb / 127.5 - 1, NCHW"}, indent=2))
+        {"size": 32, "crop": 32, "resample": "area", "mean": [0.5] * 3, "std": [0.5] * 3, "rescale": 1 / 255,
+         "normalize_embeds": True}, indent=2) + "\n")
     index = json.loads((tmp / "model_index.json").read_text())
     index["image_encoder"] = ["transformers", "CLIPVisionModelWithProjection"]
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -37,6 +37,7 @@ def load(model: str | Path = "demo", backend: str = "torch", device: str = "cpu"
     if limits is not None:  # backends that build their own Pipeline get the caller's limits here
         pipe.limits = limits
         pipe.settings()  # the model's own defaults must fit them: say so now, not at the first call
+        pipe.image_settings()
     return pipe
 
 
@@ -86,7 +87,8 @@ def _load(model, backend: str, device: str, allow_pickle: bool, dtype: str, cuda
         runtime, stage_runner = fast_path(runtime, dtype, cuda_graphs, kernels)
     return Pipeline(runtime, components.tokenizer, model_dims(components), components.schedulers,
                     model_name=components.name, stage_runner=stage_runner,
-                    sampler_defaults=components.sampler_defaults, limits=limits)
+                    sampler_defaults=components.sampler_defaults, limits=limits,
+                    image_preprocess=components.image_preprocess)
 
 
 def _check_fast_path(backend: str, device: str, dtype: str, cuda_graphs: bool, kernels: bool) -> None:

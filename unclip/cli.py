@@ -1,5 +1,5 @@
-"""`unclip generate | init | info | evaluate`: the command line. User mistakes become one line and
-exit 1; Ctrl-C exits 130 with no output half-written."""
+"""`unclip generate | vary | interpolate | textdiff | init | info | evaluate`: the command line.
+User mistakes become one line and exit 1; Ctrl-C exits 130 with no output half-written."""
 
 from __future__ import annotations
 
@@ -7,41 +7,32 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import click
 
 from unclip.bench.cli import bench
-from unclip.engine.settings import (
-    GenerationSettings,
-    Limits,
-    check_prompts,
-    check_seed,
-    read_sampler_defaults,
+from unclip.cli_options import (
+    LIMITS,
+    MODEL_HELP,
+    allow_pickle_option,
+    given_settings,
+    load_pipeline,
+    model_options,
+    out_option,
+    run_metadata,
+    sampler_options,
+    seed_option,
 )
+from unclip.engine.settings import check_prompts, check_seed
 from unclip.errors import UnclipError
 from unclip.export.cli import export
-from unclip.folders import check_output_folder, interrupt_after, write_file_atomic
-from unclip.models import DEFAULT_MODEL, DEMO_FOLDER
+from unclip.folders import check_output_folder, write_file_atomic
+from unclip.image_commands import interpolate, textdiff, vary
+from unclip.models import DEFAULT_MODEL
+from unclip.output_images import earlier_images, write_images
 from unclip.serve.cli import serve
 from unclip.serve.loadtest import loadtest
-
-MODEL_HELP = ("demo (the trained model shipped in the package), a checkpoint folder (diffusers "
-              "UnCLIPPipeline layout) or a random-weight preset: tiny, small, karlo")
-IMAGE_NAME = re.compile(r"\d{4}\.png")  # what generate writes: 0000.png, 0001.png, ...
-LIMITS = Limits()  # the CLI runs with the default limits (docs/validation.md)
-
-
-def _setting_help(field: str) -> str:
-    """The range, and the value the default model runs with (its sampler_defaults.json, if any)."""
-    allowed = (f"2..{LIMITS.max_steps}" if field.endswith("steps")
-               else f"1.0 (unguided) .. {LIMITS.max_guidance:g}")
-    engine = getattr(GenerationSettings(), field)
-    demo = read_sampler_defaults(DEMO_FOLDER).get(field) if DEMO_FOLDER.is_dir() else None
-    if demo is None or DEFAULT_MODEL != "demo":
-        return f"{allowed}  [default: {engine}; a model's sampler_defaults.json may set its own]"
-    return f"{allowed}  [default: {demo} for demo (its sampler_defaults.json); {engine} without one]"
 
 
 class _Group(click.Group):
@@ -49,7 +40,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UnclipError as exc:
-            click.echo(f"unclip: error: {_option_spelling(exc)}", err=True)
+            name = ctx.invoked_subcommand
+            command = self.get_command(ctx, name) if name else None
+            click.echo(f"unclip: error: {_option_spelling(exc, command)}", err=True)
             sys.exit(1)
         except click.UsageError as exc:  # click's own: not a number, an unknown option (exit 2, as click)
             where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
@@ -60,9 +53,13 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-def _option_spelling(exc: UnclipError) -> str:
-    """The validation layer names a field as the API does (`decoder_steps ...`); here it is an option."""
+def _option_spelling(exc: UnclipError, command: click.Command | None) -> str:
+    """The validation layer names a field as the API does (`decoder_steps ...`); here it is an option,
+    unless the command has no such option (`image ...` of `unclip vary` is its IMAGES argument)."""
     text = str(exc)
+    if isinstance(command, click.Command) and not isinstance(command, click.Group) and \
+            exc.param not in {p.name for p in command.params if isinstance(p, click.Option)}:
+        return text
     if exc.param and re.fullmatch(r"[a-z_]+", exc.param) and text.startswith(exc.param + " "):
         return f"--{exc.param.replace('_', '-')}{text[len(exc.param):]}"
     return text
@@ -97,117 +94,30 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
-def earlier_images(out: Path) -> list[Path]:
-    """The images an earlier `unclip generate` wrote into `out` (NNNN.png whose PNG text says
-    software=unclip): a new run replaces them. A NNNN.png that unclip did not write is the user's,
-    and is refused before any work."""
-    from PIL import Image
-
-    found = []
-    for path in sorted(out.iterdir()) if out.is_dir() else []:
-        if IMAGE_NAME.fullmatch(path.name):
-            try:
-                with Image.open(path) as img:
-                    ours = img.info.get("software") == "unclip"
-            except (OSError, ValueError):
-                ours = False
-            if not ours:
-                raise UnclipError(f"--out {out} holds {path.name}, which unclip did not write; a run would "
-                                  "replace it: move it away or choose another folder", param="out")
-            found.append(path)
-    return found
-
-
-def write_images(images: list, out: Path, metadata: list[dict[str, str]]) -> list[Path]:
-    """All or nothing: each PNG goes to a temporary name, renamed into place once all are written;
-    then an earlier run's images that this run did not overwrite are removed."""
-    from PIL.PngImagePlugin import PngInfo
-
-    out.mkdir(parents=True, exist_ok=True)
-    earlier = earlier_images(out)
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for i, (image, meta) in enumerate(zip(images, metadata, strict=True)):
-            info = PngInfo()
-            for key, value in meta.items():
-                info.add_text(key, value)
-            fd, tmp = tempfile.mkstemp(prefix=f".{i:04d}.", suffix=".png.tmp", dir=out)
-            staged.append((Path(tmp), out / f"{i:04d}.png"))
-            with os.fdopen(fd, "wb") as f:
-                image.save(f, format="PNG", pnginfo=info)
-    except BaseException as exc:  # an error or a Ctrl-C: no temporary file stays behind
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise UnclipError(f"cannot write images to {out}: {exc.strerror or exc}") from None
-        raise
-    umask = os.umask(0)
-    os.umask(umask)
-    with interrupt_after():
-        for tmp, final in staged:
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; images should read like any other file
-            os.replace(tmp, final)
-        written = {final for _, final in staged}
-        for path in earlier:
-            if path not in written:
-                path.unlink(missing_ok=True)
-    return [final for _, final in staged]
-
-
 @cli.command()
 @click.argument("prompts", nargs=-1, required=True)
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
-@click.option("--backend", default="torch", show_default=True,
-              help="torch, onnxruntime or openvino (then --model is a folder made by `unclip export onnx`), "
-                   "or tensorrt (--device cuda; the folder also has `unclip export tensorrt` engines)")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
-@click.option("--dtype", default="fp32", show_default=True,
-              help="fp32; fp16/bf16 with --backend torch on cuda; bf16 with --backend torch or openvino on a "
-                   "CPU with native bf16 (half networks, float32 scheduler; docs/cpu.md)")
-@click.option("--cuda-graphs", is_flag=True, help="cuda: replay each stage's loop as one captured CUDA graph")
-@click.option("--kernels", is_flag=True, help="cuda: fused Triton kernels (GroupNorm+SiLU, guidance step)")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="0 <= seed < 2**64; seeds torch.Generator('cpu'): the same seed gives the same images")
+@model_options
+@seed_option
 @click.option("--num-images", type=int, default=1, show_default=True,
               help=f"images per prompt (at most {LIMITS.max_images} images per call: prompts x num-images)")
-@click.option("--prior-steps", type=int, default=None, help=_setting_help("prior_steps"))
-@click.option("--decoder-steps", type=int, default=None, help=_setting_help("decoder_steps"))
-@click.option("--super-res-steps", type=int, default=None, help=_setting_help("super_res_steps"))
-@click.option("--prior-guidance", type=float, default=None, help=_setting_help("prior_guidance"))
-@click.option("--decoder-guidance", type=float, default=None, help=_setting_help("decoder_guidance"))
+@sampler_options()
 @click.option("--no-prior", is_flag=True, help="skip the prior: the CLIP text embedding goes to the decoder")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("unclip-out"), show_default=True,
-              help="folder for the images; a reused folder gets this run's images, and the earlier "
-                   "run's NNNN.png are removed (other files are left alone; a NNNN.png that unclip "
-                   "did not write is refused)")
-@click.option("--allow-pickle", is_flag=True, help="allow pickle (.bin) weights, which can run code")
-def generate(prompts: tuple[str, ...], model: str, backend: str, device: str, dtype: str,
-             cuda_graphs: bool, kernels: bool, seed: int,
-             num_images: int, prior_steps: int | None, decoder_steps: int | None,
-             super_res_steps: int | None, prior_guidance: float | None, decoder_guidance: float | None,
-             no_prior: bool, out: Path,
-             allow_pickle: bool) -> None:
+@out_option
+@allow_pickle_option
+def generate(prompts: tuple[str, ...], seed: int, num_images: int, no_prior: bool, out: Path,
+             **options) -> None:
     """Generate images for PROMPTS; writes OUT/0000.png, ... (prompt-major) and prints the paths."""
-    import unclip
-
-    given = {name: value for name, value in (
-        ("prior_steps", prior_steps), ("decoder_steps", decoder_steps), ("super_res_steps", super_res_steps),
-        ("prior_guidance", prior_guidance), ("decoder_guidance", decoder_guidance)) if value is not None}
-    given.update(num_images=num_images, use_prior=not no_prior)
     # every value is checked before the model loads, by the same layer generate() uses
-    GenerationSettings(**given).validate(LIMITS)
+    given = given_settings(options, num_images=num_images, use_prior=not no_prior)
     LIMITS.check_images(len(check_prompts(list(prompts), LIMITS)), num_images)
     check_seed(seed)
     check_output_folder(out)
     earlier_images(out)
-    pipe = unclip.load(model, backend=backend, device=device, allow_pickle=allow_pickle, dtype=dtype,
-                       cuda_graphs=cuda_graphs, kernels=kernels)
+    pipe = load_pipeline(options)
     s = pipe.settings(**given)
     images = pipe.generate(list(prompts), seed=seed, progress=True, **vars(s))
-    steps = f"prior {s.prior_steps}, decoder {s.decoder_steps}, super-res {s.super_res_steps}"
-    metadata = [{"prompt": prompt, "seed": str(seed), "image_index": str(k), "steps": steps,
-                 "guidance": f"prior {s.prior_guidance}, decoder {s.decoder_guidance}",
-                 "prior": "no" if no_prior else "yes", "model": str(model), "software": "unclip"}
+    run = run_metadata(s, seed, options["model"])
+    metadata = [{"prompt": prompt, "image_index": str(k), "prior": "no" if no_prior else "yes", **run}
                 for prompt in prompts for k in range(num_images)]
     for path in write_images(images, out, metadata):
         click.echo(str(path))
@@ -288,7 +198,8 @@ def evaluate(model: str, trained_prompts: int, held_out_prompts: int, images_per
         write_file_atomic(out, json.dumps(result, indent=2))
 
 
-cli.add_command(export)
+for command in (vary, interpolate, textdiff, export):
+    cli.add_command(command)
 cli.add_command(bench)
 cli.add_command(serve)
 cli.add_command(loadtest)

@@ -53,6 +53,12 @@ class ModelDims:
     decoder_size: int
     decoder_channels: int  # image channels (the decoder predicts twice as many: eps + variance)
     super_res_size: int
+    # Which networks the model has beyond the five every unCLIP decoder needs. A variation-only
+    # checkpoint (diffusers' UnCLIPImageVariationPipeline) has no prior; a text-to-image one may
+    # ship no CLIP image tower (None). Both default to a text-to-image model without one, which is
+    # what an artifact exported before the image encoder existed describes.
+    image_size: int | None = None  # the image encoder's input side; None: no image encoder
+    has_prior: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,12 +77,20 @@ def network_specs(d: ModelDims) -> dict[str, NetworkSpec]:
                     (_t("input_ids", "int64", "batch", seq),),
                     (_t("text_embeds", "float32", "batch", d.clip_dim),
                      _t("text_hidden", "float32", "batch", seq, d.clip_dim))),
-        NetworkSpec("prior",
-                    (_t("sample", "float32", "batch", d.clip_dim), _t("timestep", "float32", "batch"),
-                     _t("text_embeds", "float32", "batch", d.clip_dim),
-                     _t("text_hidden", "float32", "batch", seq, d.clip_dim),
-                     _t("text_mask", "bool", "batch", seq)),
-                    (_t("predicted_image_embeds", "float32", "batch", d.clip_dim),)),
+    ]
+    if d.image_size is not None:  # CLIP's image tower: RGB pixels -> the (unnormalised) image embedding
+        specs.append(NetworkSpec("image_encoder",
+                                 (_t("pixel_values", "float32", "batch", 3, d.image_size, d.image_size),),
+                                 (_t("image_embeds", "float32", "batch", d.clip_dim),)))
+    if d.has_prior:
+        specs.append(NetworkSpec(
+            "prior",
+            (_t("sample", "float32", "batch", d.clip_dim), _t("timestep", "float32", "batch"),
+             _t("text_embeds", "float32", "batch", d.clip_dim),
+             _t("text_hidden", "float32", "batch", seq, d.clip_dim),
+             _t("text_mask", "bool", "batch", seq)),
+            (_t("predicted_image_embeds", "float32", "batch", d.clip_dim),)))
+    specs += [
         NetworkSpec("text_proj",
                     (_t("image_embeds", "float32", "batch", d.clip_dim),
                      _t("unconditional", "bool", "batch"),

@@ -110,6 +110,7 @@ def check(cfg: BenchConfig, known_backends: tuple[str, ...]) -> BenchConfig:
     """User input, checked before anything is loaded; returns the config with its defaults filled in."""
     from unclip.bench.runners import check_runners, default_runners
     from unclip.engine.pipeline import GenerationSettings, read_sampler_defaults
+    from unclip.engine.settings import IMAGE_CONDITIONED
 
     folder = model_folder(cfg.model)
     if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
@@ -131,7 +132,9 @@ def check(cfg: BenchConfig, known_backends: tuple[str, ...]) -> BenchConfig:
     if folder is None:
         defaults = BENCH_SETTINGS
     else:  # exactly what `unclip generate` runs for this checkpoint
-        generate = vars(GenerationSettings(**read_sampler_defaults(folder)))
+        # text-to-image's: the file's image_conditioned section is for variations and the like
+        model = {k: v for k, v in read_sampler_defaults(folder).items() if k != IMAGE_CONDITIONED}
+        generate = vars(GenerationSettings(**model))
         defaults = {name: generate[name] for name in BENCH_SETTINGS}
     if cfg.prompt is None:
         cfg = replace(cfg, prompt=SHAPES_PROMPT if can_evaluate(folder) else KARLO_PROMPT)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from pydantic import ConfigDict, Field, ValidationError, create_model
 
+from unclip.engine.image_input import ImagePreprocess, read_preprocess
 from unclip.engine.scheduler import SchedulerConfig
 from unclip.engine.settings import read_sampler_defaults, scheduler_config
 from unclip.engine.tokenizer import ClipTokenizer
@@ -24,9 +26,12 @@ from unclip.specs import ModelDims, NetworkSpec, network_specs
 
 SCHEDULER_NAMES = ("prior_scheduler", "decoder_scheduler", "super_res_scheduler")
 ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 9: "bool"}  # onnx.TensorProto element types
-# model_dims.json's schema: every ModelDims field, a positive integer, nothing else
-_ModelDimsFile = create_model("ModelDimsFile", __config__=ConfigDict(strict=True, extra="forbid"),
-                              **{f.name: (int, Field(ge=1)) for f in fields(ModelDims)})
+# model_dims.json's schema: every ModelDims size a positive integer, nothing else; the optional
+# networks' fields (image_size, has_prior) may be absent (an export made before they existed)
+_ModelDimsFile = create_model(
+    "ModelDimsFile", __config__=ConfigDict(strict=True, extra="forbid"),
+    **{f.name: (int, Field(ge=1)) for f in fields(ModelDims) if f.name not in ("image_size", "has_prior")},
+    image_size=(Annotated[int, Field(ge=1)] | None, None), has_prior=(bool, True))
 
 
 @dataclass
@@ -38,6 +43,7 @@ class Artifact:
     tokenizer: ClipTokenizer
     constants: dict[str, torch.Tensor]
     sampler_defaults: dict = field(default_factory=dict)
+    image_preprocess: ImagePreprocess | None = None  # with an image encoder
 
     def network_path(self, network: str) -> Path:
         return self.folder / self.manifest["networks"][network]["file"]
@@ -58,13 +64,29 @@ def load_artifact(folder: str | Path) -> Artifact:
     dims = _model_dims(folder / configs["model_dims"])
     specs = network_specs(dims)
     _check_networks(folder, manifest, specs)
-    schedulers = _schedulers(folder / configs["schedulers"])
+    schedulers = _schedulers(folder / configs["schedulers"], dims)
     constants = _constants(folder / configs["constants"], dims)
     tokenizer = ClipTokenizer(folder / configs["tokenizer"])
     if tokenizer.model_max_length != dims.text_len:
         raise UnclipError(f"{folder / configs['tokenizer']} pads to {tokenizer.model_max_length} tokens, but "
                           f"the networks were exported for {dims.text_len}; {layout.REEXPORT_HINT}")
-    return Artifact(folder, manifest, dims, schedulers, tokenizer, constants, read_sampler_defaults(folder))
+    return Artifact(folder, manifest, dims, schedulers, tokenizer, constants, read_sampler_defaults(folder),
+                    _image_preprocess(folder, configs, dims))
+
+
+def _image_preprocess(folder: Path, configs: dict, dims: ModelDims) -> ImagePreprocess | None:
+    """An image encoder comes with its preprocessing, whose crop is the encoder's input side."""
+    name = configs.get("image_preprocess")
+    if dims.image_size is None:
+        return None
+    if not name:
+        raise UnclipError(f"{folder / layout.MANIFEST}: the artifact has an image encoder but configs "
+                          f"names no image_preprocess file; {layout.REEXPORT_HINT}")
+    pre = read_preprocess(folder / name, layout.REEXPORT_HINT)
+    if pre.crop != dims.image_size:
+        raise UnclipError(f"{folder / name}: crop {pre.crop} differs from the image encoder's input side "
+                          f"{dims.image_size}; {layout.REEXPORT_HINT}")
+    return pre
 
 
 def _model_dims(path: Path) -> ModelDims:
@@ -148,11 +170,12 @@ def _check_graph(path: Path, spec: NetworkSpec, wanted: tuple[list, list], preci
                           f"precision {precision}; {layout.REEXPORT_HINT}")
 
 
-def _schedulers(path: Path) -> dict[str, SchedulerConfig]:
+def _schedulers(path: Path, dims: ModelDims) -> dict[str, SchedulerConfig]:
     data = _read_config(path)
-    if not isinstance(data, dict) or sorted(data) != sorted(SCHEDULER_NAMES):
+    names = [n for n in SCHEDULER_NAMES if dims.has_prior or n != "prior_scheduler"]
+    if not isinstance(data, dict) or sorted(data) != sorted(names):
         got = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise UnclipError(f"{path} must map {', '.join(SCHEDULER_NAMES)} to scheduler configs, got {got}; "
+        raise UnclipError(f"{path} must map {', '.join(names)} to scheduler configs, got {got}; "
                           f"{layout.REEXPORT_HINT}")
     return {name: scheduler_config(config, f"{path} ({name})", layout.REEXPORT_HINT)
             for name, config in data.items()}
@@ -166,7 +189,7 @@ def _constants(path: Path, dims: ModelDims) -> dict[str, torch.Tensor]:
         constants = load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise UnclipError(f"{path} cannot be read ({exc}); {layout.REEXPORT_HINT}") from None
-    for name in ("clip_mean", "clip_std"):
+    for name in ("clip_mean", "clip_std") if dims.has_prior else ():  # the prior's (a variation model: none)
         tensor = constants.get(name)
         if tensor is None or tensor.numel() != dims.clip_dim or not torch.isfinite(tensor).all():
             raise UnclipError(f"{path} must hold {name}, {dims.clip_dim} finite numbers (the prior's CLIP "
@@ -189,4 +212,4 @@ def artifact_pipeline(folder: str | Path, backend: str, make_backend, make_runne
     return Pipeline(runtime, artifact.tokenizer, artifact.dims, artifact.schedulers,
                     model_name=artifact.manifest["source_model"]["name"],
                     stage_runner=make_runner(runtime) if make_runner else None,
-                    sampler_defaults=artifact.sampler_defaults)
+                    sampler_defaults=artifact.sampler_defaults, image_preprocess=artifact.image_preprocess)

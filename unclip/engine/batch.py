@@ -5,6 +5,10 @@ contiguous block of rows (its prompts, each repeated `num_images` times) and its
 generator, so its images do not depend on who else is in the batch. A request whose caller
 left (disconnected, deadline passed) is dropped between two denoising steps: its rows are
 taken out of every tensor of the stage, and the other rows are not touched.
+
+An image-conditioned request (a variation, an interpolation frame, a text diff) brings its CLIP
+image embedding, or the pixels to compute it from, and skips the prior: it batches only with
+others of its kind.
 """
 
 from __future__ import annotations
@@ -21,19 +25,28 @@ from unclip.errors import UnclipError
 class Request:
     """One caller's share of a batch. `cancelled` is polled before every denoising step."""
 
-    prompts: list[str]
+    prompts: list[str]  # image-conditioned: the decoder's caption of each image ("", as diffusers has it)
     settings: object  # unclip.engine.pipeline.GenerationSettings (validated)
     generator: torch.Generator
     cancelled: Callable[[], bool] | None = None
+    # Image-conditioned requests give one of these, one row per prompt: the embedding in the space
+    # the decoder reads (Pipeline.encode_images), or the image encoder's input, encoded in the batch.
+    image_embeds: torch.Tensor | None = None  # [len(prompts), clip_dim]
+    pixel_values: torch.Tensor | None = None  # [len(prompts), 3, S, S]
 
     @property
     def rows(self) -> int:
         return len(self.prompts) * self.settings.num_images
 
     @property
+    def image_conditioned(self) -> bool:
+        return self.image_embeds is not None or self.pixel_values is not None
+
+    @property
     def batch_key(self):
-        """Requests with equal keys can share a batch: everything but the image count must agree."""
-        return replace(self.settings, num_images=1)
+        """Requests with equal keys can share a batch: everything but the image count must agree,
+        and text and image-conditioned requests do not mix (only the first run the prior)."""
+        return replace(self.settings, num_images=1), self.image_conditioned
 
 
 class Batch:
@@ -44,11 +57,13 @@ class Batch:
             raise UnclipError("a batch needs at least one request")
         keys = {r.batch_key for r in requests}
         if len(keys) > 1:
-            raise UnclipError(f"requests in one batch must share steps, guidance and prior; got {len(keys)} "
-                              "different settings (batch compatible requests only)")
+            raise UnclipError(f"requests in one batch must share steps, guidance and prior, and be all text "
+                              f"or all image-conditioned; got {len(keys)} different kinds (batch compatible "
+                              "requests only)")
         self.requests = list(requests)
         self.active = list(range(len(requests)))  # indices into self.requests
         self.settings = requests[0].settings
+        self.image_conditioned = requests[0].image_conditioned
 
     @property
     def rows(self) -> int:

@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 
 from unclip.engine.backends import Backend
 from unclip.engine.batch import Batch, Request, take_rows
+from unclip.engine.image_input import ImagePreprocess
 from unclip.engine.scheduler import SchedulerConfig, StepTable, scheduler_step, step_table
 from unclip.engine.settings import (  # noqa: F401 (their home before engine.settings; kept importable)
+    IMAGE_CONDITIONED,
     SAMPLER_DEFAULTS,
     TUNABLE,
     GenerationSettings,
@@ -34,7 +36,7 @@ from unclip.engine.settings import (  # noqa: F401 (their home before engine.set
     read_sampler_defaults,
     write_sampler_defaults,
 )
-from unclip.errors import GenerationError
+from unclip.errors import GenerationError, UnclipError
 from unclip.specs import ModelDims
 
 log = logging.getLogger("unclip")
@@ -64,11 +66,13 @@ class TextConditioning:
                                                for t in (self.embeds, self.hidden, self.mask))
 
 
-def stage_guided(s: GenerationSettings) -> dict[str, bool]:
+def stage_guided(s: GenerationSettings, image_conditioned: bool = False) -> dict[str, bool]:
     """Which stages run unconditional rows: a stage whose guidance is <= 1 would combine
     u + 1 * (c - u) = c, so it runs its conditional rows only (diffusers runs both in every
-    stage whenever any stage is guided; the image is the same)."""
-    return {"prior": s.use_prior and s.prior_guidance > 1.0, "decoder": s.decoder_guidance > 1.0}
+    stage whenever any stage is guided; the image is the same). Image-conditioned requests skip
+    the prior."""
+    prior = s.use_prior and not image_conditioned and s.prior_guidance > 1.0
+    return {"prior": prior, "decoder": s.decoder_guidance > 1.0}
 
 
 class Pipeline:
@@ -76,12 +80,19 @@ class Pipeline:
 
     def __init__(self, backend: Backend, tokenizer, dims: ModelDims,
                  schedulers: dict[str, SchedulerConfig], model_name: str = "unnamed",
-                 stage_runner=None, sampler_defaults: dict | None = None, limits: Limits | None = None):
+                 stage_runner=None, sampler_defaults: dict | None = None, limits: Limits | None = None,
+                 image_preprocess: ImagePreprocess | None = None):
         self.backend = backend
-        # what generate() uses for settings the caller leaves out: the model's, then Karlo's
-        self.defaults = GenerationSettings(**(sampler_defaults or {}))
+        self.image_preprocess = image_preprocess  # how images reach the image encoder (None: it has none)
+        # what generate() uses for settings the caller leaves out: the model's, then Karlo's; and
+        # vary/interpolate/text_diff: the model's image_conditioned section over those
+        defaults = dict(sampler_defaults or {})
+        image_defaults = defaults.pop(IMAGE_CONDITIONED, {})
+        self.defaults = GenerationSettings(**defaults)
+        self.image_defaults = replace(self.defaults, **image_defaults)
         self.limits = limits or Limits()  # how much one call may ask for (engine.settings.Limits)
         self.limits.check_settings(self.defaults)
+        self.limits.check_settings(self.image_defaults)
         # None: the plain loops below; else the GPU fast path (unclip.engine.cuda_graphs.StageRunner)
         # runs each stage's loop on static buffers, captured as a CUDA graph and/or with fused kernels
         self.stage_runner = stage_runner
@@ -103,6 +114,7 @@ class Pipeline:
         UnclipError."""
         prompts = check_prompts(prompts, self.limits)
         s = self.settings(**settings)
+        self.check_prior(s)
         self.limits.check_images(len(prompts), s.num_images)
         check_output_type(output_type)
         if generator is None:
@@ -121,10 +133,12 @@ class Pipeline:
         request whose `cancelled()` turns true leaves the batch before the next denoising step.
         `on_step(stage, step, rows)` is called after every step with the rows that step computed."""
         batch = Batch(requests)
-        s, guided = batch.settings, stage_guided(batch.settings)
+        s, guided = batch.settings, stage_guided(batch.settings, batch.image_conditioned)
         with self._lock, torch.inference_mode():
             text = self.encode_text(batch, guided["prior"] or guided["decoder"])
-            if s.use_prior:
+            if batch.image_conditioned:  # variations, interpolations, text diffs: no prior
+                image_embeds = self.given_image_embeds(batch)
+            elif s.use_prior:
                 image_embeds = self.prior(batch, text, guided["prior"], progress, on_step)
             else:  # prior-free ablation: the CLIP text embedding stands in for the image embedding
                 image_embeds = text.embeds
@@ -148,6 +162,13 @@ class Pipeline:
         check_schedules(s, self.schedulers)
         return s
 
+    def image_settings(self, **overrides) -> GenerationSettings:
+        """`settings` for vary, interpolate and text_diff: over the model's image_conditioned defaults."""
+        s = replace(self.image_defaults, **overrides)
+        self.limits.check_settings(s)
+        check_schedules(s, self.schedulers)
+        return s
+
     def encode_text(self, batch: Batch, guided: bool) -> TextConditioning:
         prompts = [p for i in batch.active for p in batch.requests[i].prompts]
         repeats = torch.tensor([batch.requests[i].settings.num_images
@@ -157,6 +178,18 @@ class Pipeline:
         encoded = (out["text_embeds"], out["text_hidden"], mask.to(self.device))
         cond = [x[-len(prompts):].repeat_interleave(repeats.to(x.device), dim=0) for x in encoded]
         return TextConditioning(*cond, uncond=tuple(x[:1] for x in encoded) if guided else None)
+
+    def given_image_embeds(self, batch: Batch) -> torch.Tensor:
+        """The image-conditioned requests' embeddings, one row per image: as given, or from one
+        image-encoder call for every request that brought pixels."""
+        requests = [batch.requests[i] for i in batch.active]
+        pixels = [r.pixel_values for r in requests if r.image_embeds is None]
+        sizes = [len(p) for p in pixels]
+        encoded = iter(self._encode_images(torch.cat(pixels)).split(sizes) if pixels else [])
+        rows = [next(encoded) if r.image_embeds is None else r.image_embeds.to(self.device) for r in requests]
+        repeats = torch.tensor([r.settings.num_images for r in requests for _ in r.prompts],
+                               device=self.device)
+        return torch.cat(rows).repeat_interleave(repeats, dim=0)
 
     def prior(self, batch: Batch, text: TextConditioning, guided: bool, progress: bool,
               on_step: StepCallback | None) -> torch.Tensor:
@@ -268,6 +301,76 @@ class Pipeline:
             if on_step is not None:
                 on_step(stage, i, x_in.shape[0])
         return x, kept
+
+    # -- image-conditioned generation (unclip.engine.image_conditioned) --------------------------
+
+    def vary(self, images, *, seed: int = 0, generator: torch.Generator | None = None,
+             output_type: str = "pil", progress: bool = False,
+             **settings) -> list | np.ndarray | torch.Tensor:
+        """Variations of each image (image-major, then index; `num_images` per image): its CLIP image
+        embedding decoded with new noise. `images`: one or a list of file paths, PNG/JPEG bytes, PIL
+        images, HxWx3 arrays or 3xHxW tensors in [0, 1]. Settings, seeds and output types as `generate`."""
+        from unclip.engine.image_conditioned import vary
+
+        return vary(self, images, seed=seed, generator=generator, output_type=output_type, progress=progress,
+                    **settings)
+
+    def interpolate(self, a, b, frames: int = 5, *, seed: int = 0, generator: torch.Generator | None = None,
+                    output_type: str = "pil", progress: bool = False,
+                    **settings) -> list | np.ndarray | torch.Tensor:
+        """`frames` images from a to b: their image embeddings spherically interpolated, the decoder's
+        noise the same in every frame. a, b: images (as `vary` takes them) or prompts (a `str`, which
+        goes through the prior)."""
+        from unclip.engine.image_conditioned import interpolate
+
+        return interpolate(self, a, b, frames, seed=seed, generator=generator, output_type=output_type,
+                           progress=progress, **settings)
+
+    def text_diff(self, image, from_text: str, to_text: str, amounts=(0.0, 0.25, 0.5, 0.75, 1.0), *,
+                  seed: int = 0, generator: torch.Generator | None = None, output_type: str = "pil",
+                  progress: bool = False, **settings) -> list | np.ndarray | torch.Tensor:
+        """One image per amount: `image`'s embedding moved towards `to_text` and away from `from_text`
+        (0: unchanged, 1: the whole difference of the two captions), the decoder's noise fixed."""
+        from unclip.engine.image_conditioned import text_diff
+
+        return text_diff(self, image, from_text, to_text, amounts, seed=seed, generator=generator,
+                         output_type=output_type, progress=progress, **settings)
+
+    @property
+    def has_prior(self) -> bool:
+        return self.dims.has_prior
+
+    def check_prior(self, s: GenerationSettings) -> None:
+        if s.use_prior and not self.has_prior:
+            raise UnclipError(f"model {self.model_name} has no prior (a variation-only checkpoint): it makes "
+                              "images from images (vary, interpolate between images, text_diff); for text, "
+                              "pass use_prior=False (the CLIP text embedding goes to the decoder)",
+                              param="use_prior")
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings [N, clip_dim] in the space the decoder reads, from the encoder's input."""
+        with self._lock, torch.inference_mode():
+            return self._encode_images(pixel_values)
+
+    def _encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        embeds = self.backend.run("image_encoder", pixel_values=pixel_values.to(self.device))["image_embeds"]
+        return F.normalize(embeds, dim=-1) if self.image_preprocess.normalize_embeds else embeds
+
+    def encode_prompts(self, prompts: list[str], s: GenerationSettings, generator: torch.Generator,
+                       progress: bool = False) -> torch.Tensor:
+        """The image embedding `generate` would decode for each prompt: the prior's sample (noise from
+        `generator`, as generate draws it), or the text embedding with use_prior=False."""
+        batch = Batch([Request(prompts, replace(s, num_images=1), generator)])
+        guided = stage_guided(s)["prior"]
+        with self._lock, torch.inference_mode():
+            text = self.encode_text(batch, guided)
+            return self.prior(batch, text, guided, progress, None) if s.use_prior else text.embeds
+
+    def encode_captions(self, texts: list[str]) -> torch.Tensor:
+        """CLIP text embeddings [N, clip_dim] (the text encoder's projection, as the prior reads it)."""
+        ids, _ = self.tokenize(texts)
+        with self._lock, torch.inference_mode():
+            return self.backend.run("text_encoder", input_ids=ids.to(self.device))["text_embeds"]
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ import torch
 
 # Each network belongs to the stage that calls it; text_proj prepares the decoder's conditioning.
 STAGE_OF_NETWORK = {
-    "text_encoder": "text_encoder", "prior": "prior", "text_proj": "decoder", "decoder": "decoder",
+    "text_encoder": "text_encoder", "image_encoder": "text_encoder",  # the encoders of the conditioning
+    "prior": "prior", "text_proj": "decoder", "decoder": "decoder",
     "super_res_first": "super_res", "super_res_last": "super_res",
 }
 STAGES = ("text_encoder", "prior", "decoder", "super_res", "post_processing")

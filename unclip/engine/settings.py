@@ -93,6 +93,9 @@ class Limits:
     max_steps: Annotated[int, Field(ge=2, le=TRAIN_TIMESTEPS)] = TRAIN_TIMESTEPS  # per stage
     max_guidance: Annotated[float, Field(ge=1.0, allow_inf_nan=False)] = 50.0
     max_prompt_chars: Count = 1000  # CLIP reads 77 tokens, about 300 characters of English
+    # per input image (variations, interpolations, text diffs), checked from the file's header before
+    # decoding: a PNG of a few KB can declare a 100000 x 100000 image, 30 GB once decoded
+    max_image_pixels: Count = 4096 * 4096
 
     _check = _one_line("Limits: ")
 
@@ -120,6 +123,8 @@ class Limits:
 def check_schedules(s: GenerationSettings, schedulers: dict) -> None:
     """More steps than a schedule has timesteps would repeat timesteps (a zero-width step)."""
     for stage in ("prior", "decoder", "super_res"):
+        if f"{stage}_scheduler" not in schedulers:  # a variation-only model has no prior
+            continue
         steps, timesteps = getattr(s, f"{stage}_steps"), schedulers[f"{stage}_scheduler"].num_train_timesteps
         if steps > timesteps:
             raise UnclipError(f"{stage}_steps {steps} is more than this model's {stage} schedule has "
@@ -183,6 +188,9 @@ def check_output_type(output_type) -> None:
 # -- a model's own defaults: sampler_defaults.json --------------------------------------------------
 
 SAMPLER_DEFAULTS = "sampler_defaults.json"  # optional, in a checkpoint or artifact folder
+# The file's optional section for variations, interpolations and text diffs, whose best settings may
+# differ from text-to-image's: the demo draws text-to-image best unguided, variations guided.
+IMAGE_CONDITIONED = "image_conditioned"
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -206,15 +214,23 @@ def read_sampler_defaults(folder: str | Path) -> dict:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UnclipError(f"{path} cannot be read ({exc}); fix or delete it") from None
-    allowed = f"allowed: {', '.join(TUNABLE)}"
+    allowed = f"allowed: {', '.join(TUNABLE)}, {IMAGE_CONDITIONED}"
     if not isinstance(data, dict):
         raise UnclipError(f"{path} must hold a JSON object of settings, got {type(data).__name__}; "
                           f"{allowed}; fix or delete the file")
-    try:
-        _SamplerDefaults(**data)
-    except ValidationError as exc:
-        raise schema_error(exc, where=f"{path}: ", fix="fix or delete the file", requirements=REQUIREMENTS,
-                           unknown=allowed) from None
+    section = data.get(IMAGE_CONDITIONED, {})
+    if not isinstance(section, dict):
+        raise UnclipError(f"{path}: {IMAGE_CONDITIONED} must be a JSON object of settings, got "
+                          f"{type(section).__name__}; fix or delete the file")
+    top = {k: v for k, v in data.items() if k != IMAGE_CONDITIONED}
+    inner = f"allowed: {', '.join(TUNABLE)}"
+    for where, settings, words in ((f"{path}: ", top, allowed),
+                                   (f"{path}: {IMAGE_CONDITIONED}.", section, inner)):
+        try:
+            _SamplerDefaults(**settings)
+        except ValidationError as exc:
+            raise schema_error(exc, where=where, fix="fix or delete the file", requirements=REQUIREMENTS,
+                               unknown=words) from None
     return data
 
 

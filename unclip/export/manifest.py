@@ -12,6 +12,7 @@ serving process reads manifests with the standard library and pydantic.
       constants.safetensors   tensors the sampling loop needs itself (the prior's clip_mean / clip_std)
       tokenizer/              vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
       sampler_defaults.json   optional: the model's own sampler defaults
+      image_preprocess.json   with an image encoder: how images reach it (engine.image_input.ImagePreprocess)
 
 A manifest is checked against the schema below before any other file is opened; then every file
 a runtime reads must be listed in `files` (inside the folder, no link leading out) and match its
@@ -38,6 +39,7 @@ SCHEDULERS = "schedulers.json"
 CONSTANTS = "constants.safetensors"
 TOKENIZER = "tokenizer"
 SAMPLER_DEFAULTS = "sampler_defaults.json"  # the same name as engine.settings.SAMPLER_DEFAULTS
+IMAGE_PREPROCESS = "image_preprocess.json"
 # what the runtime's tokenizer reads (vocab.json and merges.txt are required)
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.json")
@@ -112,6 +114,7 @@ class Configs(_Schema):
     schedulers: RelativePath
     constants: RelativePath
     tokenizer: RelativePath
+    image_preprocess: RelativePath | None = None  # present when the model has an image encoder
 
 
 class _Open(BaseModel):
@@ -233,6 +236,8 @@ def runtime_files(folder: Path, manifest: dict) -> list[str]:
             files.append(entry["external_data"]["file"])
     configs = manifest["configs"]
     files += [configs["model_dims"], configs["schedulers"], configs["constants"]]
+    if configs.get("image_preprocess"):
+        files.append(configs["image_preprocess"])
     tokenizer = PurePosixPath(configs["tokenizer"])
     files += [(tokenizer / name).as_posix() for name in TOKENIZER_FILES
               if name in ("vocab.json", "merges.txt") or (Path(folder) / tokenizer / name).exists()]

@@ -87,7 +87,9 @@ def export_onnx(model: str | Path, out: str | Path, precision: str = "fp32", ops
                                    "max_rel = max_abs / max|torch|"},
             "tensorrt_table": TABLE_SOURCE,
             "configs": {"model_dims": layout.MODEL_DIMS, "schedulers": layout.SCHEDULERS,
-                        "constants": layout.CONSTANTS, "tokenizer": layout.TOKENIZER},
+                        "constants": layout.CONSTANTS, "tokenizer": layout.TOKENIZER,
+                        **({"image_preprocess": layout.IMAGE_PREPROCESS}
+                           if components.image_preprocess else {})},
             "networks": networks,
             "files": files,
         }
@@ -133,7 +135,8 @@ def export_network(module: torch.nn.Module, spec, dims, folder: Path, precision:
 
 
 def write_runtime_files(folder: Path, components, dims) -> None:
-    """What the sampling loop needs besides the networks: sizes, schedules, CLIP statistics, tokenizer."""
+    """What the sampling loop needs besides the networks: sizes, schedules, CLIP statistics, tokenizer,
+    and with an image encoder its preprocessing."""
     from safetensors.torch import save_file
 
     from unclip.engine.tokenizer import ClipTokenizer
@@ -143,9 +146,13 @@ def write_runtime_files(folder: Path, components, dims) -> None:
     schedulers = {name: config.to_dict() for name, config in components.schedulers.items()}
     (folder / layout.SCHEDULERS).write_text(json.dumps(schedulers, indent=2) + "\n")
     write_sampler_defaults(folder, components.sampler_defaults)  # the model's defaults serve from here too
-    prior = components.prior
-    save_file({"clip_mean": prior.clip_mean.detach().float().cpu().contiguous(),
-               "clip_std": prior.clip_std.detach().float().cpu().contiguous()}, folder / layout.CONSTANTS)
+    prior = components.prior  # a variation-only model has none, and no CLIP statistics
+    save_file({} if prior is None else {"clip_mean": prior.clip_mean.detach().float().cpu().contiguous(),
+                                        "clip_std": prior.clip_std.detach().float().cpu().contiguous()},
+              folder / layout.CONSTANTS)
+    if components.image_preprocess is not None:
+        preprocess = components.image_preprocess.to_dict()
+        (folder / layout.IMAGE_PREPROCESS).write_text(json.dumps(preprocess, indent=2) + "\n")
     tokenizer = folder / layout.TOKENIZER
     components.tokenizer.save_pretrained(tokenizer)
     _write_tokenizer_files(components.tokenizer, tokenizer)  # vocab.json + merges.txt, as Karlo ships

@@ -35,10 +35,12 @@ DEFAULT_OPT_LEVEL = 3  # TensorRT's own default; 0..5, higher = longer build, ma
 
 # How many rows each network sees for a call that makes B images (read off Pipeline.generate):
 # encode_text runs the prompts plus one "" row when guided; prior, text_proj and decoder run the
-# unconditional and conditional rows as one batch of 2B when guided; super-resolution is unguided.
+# unconditional and conditional rows as one batch of 2B when guided; super-resolution is unguided;
+# the image encoder runs once per input image of a variation call (at most B), never guided.
 # (guided rows, unguided rows) as functions of B.
 ROWS = {
     "text_encoder": (lambda b: b + 1, lambda b: b),
+    "image_encoder": (lambda b: b, lambda b: b),
     "prior": (lambda b: 2 * b, lambda b: b),
     "text_proj": (lambda b: 2 * b, lambda b: b),
     "decoder": (lambda b: 2 * b, lambda b: b),
@@ -68,14 +70,14 @@ class Profile:
 
 
 def profile_for(network: str, batch_sizes: list[int]) -> Profile:
-    """min: the smallest call without guidance (one prompt for the text encoder, which may see a
-    single prompt whatever B is, as num_images repeats rows after it); opt: the middle batch size,
-    guided; max: the largest batch size, guided."""
+    """min: the smallest call without guidance (one prompt for the text encoder and one image for
+    the image encoder, which may see a single input whatever B is, as num_images repeats rows after
+    them); opt: the middle batch size, guided; max: the largest batch size, guided."""
     if network not in ROWS:
         raise UnclipError(f"no batch rule for network {network!r}; known: {', '.join(ROWS)}")
     sizes = sorted(set(batch_sizes))
     guided, unguided = ROWS[network]
-    low = 1 if network == "text_encoder" else unguided(sizes[0])
+    low = 1 if network in ("text_encoder", "image_encoder") else unguided(sizes[0])
     return Profile(min=low, opt=guided(sizes[len(sizes) // 2]), max=guided(sizes[-1]))
 
 

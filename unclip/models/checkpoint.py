@@ -14,6 +14,13 @@ from typing import Literal
 import torch
 from pydantic import ConfigDict, Field, ValidationError, create_model
 
+from unclip.engine.image_input import (
+    CLIP_PROCESSOR_FILE,
+    PREPROCESS_FILE,
+    ImagePreprocess,
+    from_clip_processor,
+    read_preprocess,
+)
 from unclip.engine.settings import read_sampler_defaults, scheduler_config, write_sampler_defaults
 from unclip.engine.tokenizer import check_vocabulary_files
 from unclip.errors import UnclipError, schema_error
@@ -32,26 +39,40 @@ LIBRARIES = {  # what save_components writes into model_index.json (as Karlo's f
     **{name: ("diffusers", "UnCLIPScheduler") for name in SCHEDULERS},
 }
 # What model_index.json may name, beyond LIBRARIES: the fast tokenizer class, text_proj under
-# newer diffusers' library name, and the CLIP image tower that image-conditioned models ship.
-ALSO_ACCEPTED = {"tokenizer": ("transformers", "CLIPTokenizerFast"),
-                 "text_proj": ("diffusers", "UnCLIPTextProjModel")}
-OPTIONAL = {"image_encoder": ("transformers", "CLIPVisionModelWithProjection")}
+# newer diffusers' library name, and the CLIP image tower that image-conditioned models ship with
+# the config of its preprocessing (transformers has named that class four ways).
+ALSO_ACCEPTED = {"tokenizer": [("transformers", "CLIPTokenizerFast")],
+                 "text_proj": [("diffusers", "UnCLIPTextProjModel")],
+                 "feature_extractor": [("transformers", name) for name in (
+                     "CLIPImageProcessorPil", "CLIPImageProcessorFast", "CLIPFeatureExtractor")]}
+IMAGE_LIBRARIES = {"image_encoder": ("transformers", "CLIPVisionModelWithProjection"),
+                   "feature_extractor": ("transformers", "CLIPImageProcessor")}
+VARIATION = "UnCLIPImageVariationPipeline"  # diffusers' image-variation checkpoints: no prior
+VARIATION_LACKS = ("prior", "prior_scheduler")
 
 
-def _entry_type(*pairs: tuple[str, str]):
-    libraries, classes = zip(*pairs, strict=True)
+def _entry_type(name: str, pair: tuple[str, str]):
+    libraries, classes = zip(pair, *ALSO_ACCEPTED.get(name, []), strict=True)
     return tuple[Literal[tuple(dict.fromkeys(libraries))], Literal[tuple(dict.fromkeys(classes))]]
 
 
-# model_index.json's schema: every component named, each as [library, class] of the class we load;
-# an optional component may be [null, null] (diffusers' mark for "not saved").
-_ModelIndex = create_model(
-    "ModelIndex", __config__=ConfigDict(extra="forbid", populate_by_name=True),
-    class_name=(Literal["UnCLIPPipeline"], Field("UnCLIPPipeline", alias="_class_name")),
-    **{name: (_entry_type(pair, *([ALSO_ACCEPTED[name]] if name in ALSO_ACCEPTED else [])), ...)
-       for name, pair in LIBRARIES.items()},
-    **{name: (_entry_type(pair) | tuple[None, None] | None, None) for name, pair in OPTIONAL.items()},
-)
+def _index_schema(class_name: str, required: dict, optional: dict):
+    """model_index.json's schema: every required component named as [library, class] of the class we
+    load; an optional one may be [null, null] (diffusers' mark for "not saved") or absent."""
+    return create_model(
+        class_name, __config__=ConfigDict(extra="forbid", populate_by_name=True),
+        class_name=(Literal[class_name], Field(class_name, alias="_class_name")),
+        **{name: (_entry_type(name, pair), ...) for name, pair in required.items()},
+        **{name: (_entry_type(name, pair) | tuple[None, None] | None, None)
+           for name, pair in optional.items()})
+
+
+_ModelIndex = _index_schema("UnCLIPPipeline", LIBRARIES, IMAGE_LIBRARIES)
+_VariationIndex = _index_schema(
+    VARIATION, {**{k: v for k, v in LIBRARIES.items() if k not in VARIATION_LACKS},
+                "image_encoder": IMAGE_LIBRARIES["image_encoder"]},
+    {"feature_extractor": IMAGE_LIBRARIES["feature_extractor"]})
+TRANSFORMERS_CONFIGS = {"text_encoder": "CLIPTextConfig", "image_encoder": "CLIPVisionConfig"}
 SAFETENSORS = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 PICKLES = ("pytorch_model.bin", "diffusion_pytorch_model.bin")
 ALLOW_PICKLE_HINT = "pass --allow-pickle (Python: allow_pickle=True) if you trust its source"
@@ -61,16 +82,21 @@ def save_components(components: UnclipComponents, out: Path) -> None:
     """Write the folder atomically: a temporary sibling, then one rename."""
     from safetensors.torch import save_file
 
+    variation = components.prior is None
     with staged_folder(Path(out)) as tmp:
-        index = {"_class_name": "UnCLIPPipeline", "_diffusers_version": _version("diffusers")}
-        index.update({name: list(lib) for name, lib in LIBRARIES.items()})
+        index = {"_class_name": VARIATION if variation else "UnCLIPPipeline",
+                 "_diffusers_version": _version("diffusers")}
+        index.update({name: list(lib) for name, lib in LIBRARIES.items()
+                      if not (variation and name in VARIATION_LACKS)})
+        if components.image_encoder is not None:
+            index["image_encoder"] = list(IMAGE_LIBRARIES["image_encoder"])
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         components.tokenizer.save_pretrained(tmp / "tokenizer")
         _write_tokenizer_files(components.tokenizer, tmp / "tokenizer")
         for name, net in components.networks().items():
             folder = tmp / name
             folder.mkdir()
-            if name == "text_encoder":
+            if name in TRANSFORMERS_CONFIGS:
                 net.config.to_json_file(folder / "config.json")
                 weights = "model.safetensors"
             else:
@@ -79,6 +105,9 @@ def save_components(components: UnclipComponents, out: Path) -> None:
                 weights = "diffusion_pytorch_model.safetensors"
             state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
             save_file(state, folder / weights, metadata={"format": "pt"})
+        if components.image_preprocess is not None:  # ours: it can say "area" and normalised embeddings
+            (tmp / "image_encoder" / PREPROCESS_FILE).write_text(
+                json.dumps(components.image_preprocess.to_dict(), indent=2) + "\n")
         for name, config in components.schedulers.items():
             (tmp / name).mkdir()
             (tmp / name / "scheduler_config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -156,19 +185,25 @@ def _load_tokenizer(folder: Path):
                           "the model") from None
 
 
-def _check_consistency(root: Path, tokenizer, networks: dict[str, torch.nn.Module]) -> None:
+def _check_consistency(root: Path, tokenizer, networks: dict[str, torch.nn.Module],
+                       image_preprocess: ImagePreprocess | None) -> None:
     """Components that each load but do not fit together would fail mid-generate: say so here."""
-    text, prior = networks["text_encoder"].config, networks["prior"].config
-    proj, decoder = networks["text_proj"].config, networks["decoder"].config
+    text, proj = networks["text_encoder"].config, networks["text_proj"].config
+    decoder = networks["decoder"].config
     length = tokenizer.model_max_length
+    # the CLIP embedding size: the prior's where there is one, else text_proj's (a variation-only model)
+    prior = networks["prior"].config if networks.get("prior") is not None else None
+    clip = (("the prior's embedding_dim", prior.embedding_dim) if prior is not None
+            else ("text_proj's clip_embeddings_dim", proj.clip_embeddings_dim))
     pairs = [  # (what, value, must equal what, value)
         ("the tokenizer's model_max_length (tokenizer/tokenizer_config.json)", length,
          "the text encoder's max_position_embeddings", text.max_position_embeddings),
-        ("the text encoder's projection_dim", text.projection_dim, "the prior's embedding_dim",
-         prior.embedding_dim),
-        ("the prior's num_embeddings", prior.num_embeddings, "the tokenizer's model_max_length", length),
-        ("text_proj's clip_embeddings_dim", proj.clip_embeddings_dim, "the prior's embedding_dim",
-         prior.embedding_dim),
+        ("the text encoder's projection_dim", text.projection_dim, *clip),
+    ]
+    if prior is not None:
+        pairs += [("the prior's num_embeddings", prior.num_embeddings, "the tokenizer's model_max_length",
+                   length), ("text_proj's clip_embeddings_dim", proj.clip_embeddings_dim, *clip)]
+    pairs += [
         ("text_proj's cross_attention_dim", proj.cross_attention_dim, "the decoder's cross_attention_dim",
          decoder.cross_attention_dim),
         ("super_res_first's in_channels", networks["super_res_first"].config.in_channels,
@@ -176,6 +211,12 @@ def _check_consistency(root: Path, tokenizer, networks: dict[str, torch.nn.Modul
         ("super_res_last's sample_size", networks["super_res_last"].config.sample_size,
          "super_res_first's sample_size", networks["super_res_first"].config.sample_size),
     ]
+    if networks.get("image_encoder") is not None:
+        image = networks["image_encoder"].config
+        pairs += [("the image encoder's projection_dim", image.projection_dim, *clip),
+                  ("the image encoder's num_channels", image.num_channels, "RGB's channels", 3),
+                  ("the image preprocessing's crop size", image_preprocess.crop,
+                   "the image encoder's image_size", image.image_size)]
     for what, value, other, expected in pairs:
         if value != expected:
             raise UnclipError(f"model folder {root}: {what} is {value}, but {other} is {expected}; the "
@@ -197,10 +238,10 @@ def _load_network(root: Path, name: str, allow_pickle: bool) -> torch.nn.Module:
         raise UnclipError(f"{folder / 'config.json'} describes a {declared!r}, but {name!r} must be a "
                           f"{cls.__name__}; the folder mixes files of different models")
     try:
-        if name == "text_encoder":
-            from transformers import CLIPTextConfig
+        if name in TRANSFORMERS_CONFIGS:
+            import transformers
 
-            net = cls(CLIPTextConfig.from_dict(config))
+            net = cls(getattr(transformers, TRANSFORMERS_CONFIGS[name]).from_dict(config))
         else:
             net = cls.from_config(config)
     except Exception as exc:  # noqa: BLE001 - library constructors raise many types for a bad config
@@ -227,14 +268,16 @@ def check_model_index(index: dict, path: Path) -> None:
     """Each component must be the library and class this loader builds: a checkpoint naming
     another class (`UNet9000Model`) would otherwise load our class from its files."""
     data = {k: v for k, v in index.items() if not k.startswith("_") or k == "_class_name"}
+    schema = _VariationIndex if data.get("_class_name") == VARIATION else _ModelIndex
     try:
-        _ModelIndex.model_validate(data)
+        schema.model_validate(data)
     except ValidationError as exc:
         expected = ", ".join(f"{n}: {list(lib)}" for n, lib in LIBRARIES.items())
+        components = [n for n in schema.model_fields if n != "class_name"]
         raise schema_error(exc, where=f"{path}: ", data=data,
                            fix="this unclip loads UnCLIPPipeline checkpoints (diffusers layout) whose "
-                               f"model_index.json names {expected}",
-                           unknown=f"an UnCLIPPipeline checkpoint has {', '.join(LIBRARIES)}") from None
+                               f"model_index.json names {expected}, and {VARIATION} checkpoints",
+                           unknown=f"a {schema.__name__} checkpoint has {', '.join(components)}") from None
 
 
 def load_components(path: str | Path, allow_pickle: bool = False) -> UnclipComponents:
@@ -248,15 +291,41 @@ def load_components(path: str | Path, allow_pickle: bool = False) -> UnclipCompo
                           "--backend onnxruntime (Python: unclip.load(folder, backend='onnxruntime'))")
     index = _read_json(root / "model_index.json", "model_index.json")
     check_model_index(index, root / "model_index.json")
+    variation = index.get("_class_name") == VARIATION
     tokenizer = _load_tokenizer(root / "tokenizer")
-    networks = {name: _load_network(root, name, allow_pickle) for name in NETWORKS}
+    names = [n for n in NETWORKS if not (variation and n in VARIATION_LACKS)]
+    networks = {name: _load_network(root, name, allow_pickle) for name in names}
+    networks["prior"] = networks.get("prior")
+    image_preprocess = None
+    if _listed(index, "image_encoder"):
+        networks["image_encoder"] = _load_network(root, "image_encoder", allow_pickle)
+        image_preprocess = _load_image_preprocess(root, index)
     schedulers = {}
-    for name in SCHEDULERS:
+    for name in [n for n in SCHEDULERS if not (variation and n in VARIATION_LACKS)]:
         path = root / name / "scheduler_config.json"
         schedulers[name] = scheduler_config(_read_json(path, f"config of {name!r}"), str(path),
                                             "re-download or re-save the model")
-    _check_consistency(root, tokenizer, networks)
+    _check_consistency(root, tokenizer, networks, image_preprocess)
     name = "demo" if root.resolve() == (Path(__file__).parent / "demo").resolve() else str(root)
     return UnclipComponents(tokenizer=tokenizer, schedulers=schedulers, name=name,
                             extra={"folder": str(root)}, sampler_defaults=read_sampler_defaults(root),
-                            **networks)
+                            image_preprocess=image_preprocess, **networks)
+
+
+def _listed(index: dict, name: str) -> bool:
+    """model_index.json names the component (not diffusers' [null, null] for "not saved")."""
+    entry = index.get(name)
+    return isinstance(entry, list) and entry[0] is not None
+
+
+def _load_image_preprocess(root: Path, index: dict) -> ImagePreprocess:
+    """Ours (image_encoder/preprocess.json) where present, else diffusers' CLIPImageProcessor config."""
+    fix = "re-download or re-save the model"
+    ours, theirs = root / "image_encoder" / PREPROCESS_FILE, root / "feature_extractor" / CLIP_PROCESSOR_FILE
+    if ours.is_file():
+        return read_preprocess(ours, fix)
+    if theirs.is_file():
+        return from_clip_processor(_read_json(theirs, "config of 'feature_extractor'"), str(theirs), fix)
+    missing = theirs if _listed(index, "feature_extractor") else f"{theirs} (diffusers) or {ours}"
+    raise UnclipError(f"model folder {root} has an image_encoder but no image preprocessing config: expected "
+                      f"{missing}")

@@ -8,11 +8,17 @@ from pathlib import Path
 
 import torch
 
+from unclip.engine.image_input import ImagePreprocess, clip_preprocess
 from unclip.engine.scheduler import SchedulerConfig
 from unclip.models.presets import Preset, get_preset
 from unclip.models.tokenizer import MAX_LENGTH, write_tokenizer
 
+# UnCLIPPipeline's networks
 NETWORKS = ("text_encoder", "prior", "text_proj", "decoder", "super_res_first", "super_res_last")
+# Every network a model may have, in the order data flows (the spec table's order); a model has the
+# image encoder only if it ships CLIP's image tower, and a variation-only checkpoint has no prior.
+ALL_NETWORKS = ("text_encoder", "image_encoder", "prior", "text_proj", "decoder", "super_res_first",
+                "super_res_last")
 SCHEDULERS = ("prior_scheduler", "decoder_scheduler", "super_res_scheduler")
 
 # Karlo's scheduler settings (prior predicts x0 with a wider clip range; decoder learns its variance).
@@ -30,7 +36,7 @@ class UnclipComponents:
 
     tokenizer: object  # transformers.CLIPTokenizer
     text_encoder: torch.nn.Module
-    prior: torch.nn.Module
+    prior: torch.nn.Module | None  # None: a variation-only checkpoint (UnCLIPImageVariationPipeline)
     text_proj: torch.nn.Module
     decoder: torch.nn.Module
     super_res_first: torch.nn.Module
@@ -39,9 +45,12 @@ class UnclipComponents:
     name: str = "unnamed"
     extra: dict = field(default_factory=dict)  # e.g. the source folder
     sampler_defaults: dict = field(default_factory=dict)  # sampler_defaults.json (engine.pipeline)
+    image_encoder: torch.nn.Module | None = None  # transformers.CLIPVisionModelWithProjection
+    image_preprocess: ImagePreprocess | None = None  # with the image encoder: how images reach it
 
     def networks(self) -> dict[str, torch.nn.Module]:
-        return {name: getattr(self, name) for name in NETWORKS}
+        """The networks this model has, in the order data flows."""
+        return {name: net for name in ALL_NETWORKS if (net := getattr(self, name)) is not None}
 
     def parameter_counts(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in net.parameters()) for name, net in self.networks().items()}
@@ -50,6 +59,10 @@ class UnclipComponents:
 def network_configs(preset: Preset, special_tokens: dict[str, int]) -> dict[str, dict]:
     """Constructor arguments of each network class, in the keys diffusers/transformers use."""
     p = preset
+    image = {} if p.image_size is None else {"image_encoder": dict(
+        image_size=p.image_size, patch_size=p.image_patch, num_channels=3, hidden_size=p.clip_dim,
+        intermediate_size=4 * p.clip_dim, num_hidden_layers=p.image_layers, num_attention_heads=p.image_heads,
+        projection_dim=p.clip_dim, hidden_act="quick_gelu")}
     down = ["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * (len(p.decoder_channels) - 1)
     up = ["SimpleCrossAttnUpBlock2D"] * (len(p.decoder_channels) - 1) + ["ResnetUpsampleBlock2D"]
     super_res = dict(
@@ -85,16 +98,18 @@ def network_configs(preset: Preset, special_tokens: dict[str, int]) -> dict[str,
         ),
         "super_res_first": super_res,
         "super_res_last": dict(super_res),
+        **image,
     }
 
 
 def network_classes() -> dict[str, type]:
     from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
-    from transformers import CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
     return {
-        "text_encoder": CLIPTextModelWithProjection, "prior": PriorTransformer,
+        "text_encoder": CLIPTextModelWithProjection, "image_encoder": CLIPVisionModelWithProjection,
+        "prior": PriorTransformer,
         "text_proj": UnCLIPTextProjModel, "decoder": UNet2DConditionModel,
         "super_res_first": UNet2DModel, "super_res_last": UNet2DModel,
     }
@@ -106,6 +121,10 @@ def build_network(name: str, config: dict) -> torch.nn.Module:
         from transformers import CLIPTextConfig
 
         return cls(CLIPTextConfig(**config))
+    if name == "image_encoder":
+        from transformers import CLIPVisionConfig
+
+        return cls(CLIPVisionConfig(**config))
     return cls.from_config(config)
 
 
@@ -132,10 +151,12 @@ def build_preset(name: str, seed: int = 0, device: str | torch.device = "cpu") -
     networks = {}
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        for net_name in NETWORKS:
+        # the image encoder last: adding it to a preset leaves the other networks' weights as they were
+        for net_name in [*NETWORKS, *(["image_encoder"] if "image_encoder" in configs else [])]:
             net = build_network(net_name, configs[net_name])
             if device != "meta":
                 _fill_zero_parameters(net)
             networks[net_name] = net.eval().requires_grad_(False)
+    image_preprocess = None if preset.image_size is None else clip_preprocess(preset.image_size)
     return UnclipComponents(tokenizer=tokenizer, schedulers=dict(PRESET_SCHEDULERS),
-                            name=name, **networks)
+                            name=name, image_preprocess=image_preprocess, **networks)

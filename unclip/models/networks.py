@@ -24,6 +24,18 @@ class TextEncoder(nn.Module):
         return out.text_embeds, out.last_hidden_state
 
 
+class ImageEncoder(nn.Module):
+    """CLIP's image tower: its projected embedding as transformers returns it (a model that decodes
+    from L2-normalised embeddings has the pipeline normalise it, see ImagePreprocess)."""
+
+    def __init__(self, image_encoder: nn.Module):
+        super().__init__()
+        self.net = image_encoder
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.net(pixel_values=pixel_values).image_embeds
+
+
 class Prior(nn.Module):
     def __init__(self, prior: nn.Module):
         super().__init__()
@@ -73,22 +85,20 @@ class SuperRes(nn.Module):
 
 
 def adapters(components: UnclipComponents) -> dict[str, nn.Module]:
+    """One adapter per network the model has, in the spec table's order."""
     extra = components.text_proj.config.clip_extra_context_tokens
-    return {
-        "text_encoder": TextEncoder(components.text_encoder),
-        "prior": Prior(components.prior),
-        "text_proj": TextProj(components.text_proj),
-        "decoder": Decoder(components.decoder, extra),
-        "super_res_first": SuperRes(components.super_res_first),
-        "super_res_last": SuperRes(components.super_res_last),
-    }
+    wrap = {"text_encoder": TextEncoder, "image_encoder": ImageEncoder, "prior": Prior, "text_proj": TextProj,
+            "decoder": lambda net: Decoder(net, extra), "super_res_first": SuperRes,
+            "super_res_last": SuperRes}
+    return {name: wrap[name](net) for name, net in components.networks().items()}
 
 
 def model_dims(components: UnclipComponents) -> ModelDims:
     te, proj = components.text_encoder.config, components.text_proj.config
     dec, sr = components.decoder.config, components.super_res_first.config
+    image = components.image_encoder
     return ModelDims(
-        clip_dim=components.prior.config.embedding_dim,
+        clip_dim=proj.clip_embeddings_dim,
         text_len=components.tokenizer.model_max_length,
         text_vocab=te.vocab_size,
         extra_tokens=proj.clip_extra_context_tokens,
@@ -97,4 +107,6 @@ def model_dims(components: UnclipComponents) -> ModelDims:
         decoder_size=dec.sample_size,
         decoder_channels=dec.in_channels,
         super_res_size=sr.sample_size,
+        image_size=None if image is None else image.config.image_size,
+        has_prior=components.prior is not None,
     )

@@ -27,6 +27,11 @@ class Preset:
     super_res_channels: tuple[int, ...]
     super_res_layers: int
     super_res_size: int
+    # CLIP's image tower (variations, interpolations, text diffs); None: the model ships none
+    image_size: int | None = None
+    image_patch: int = 4
+    image_layers: int = 1
+    image_heads: int = 2
 
 
 PRESETS: dict[str, Preset] = {
@@ -37,6 +42,7 @@ PRESETS: dict[str, Preset] = {
         decoder_channels=(32, 64), decoder_layers=1, decoder_head_dim=16, decoder_cross_dim=32,
         decoder_size=16,
         super_res_channels=(32, 32), super_res_layers=1, super_res_size=32,
+        image_size=16,
     ),
     # For CPU benchmarks: a few seconds per image on 2 cores at reduced steps.
     "small": Preset(

@@ -1,10 +1,11 @@
-"""The HTTP routes, defined once: OpenAI's images endpoint, health, metrics.
+"""The HTTP routes, defined once: OpenAI's images endpoints (generations, variations), health, metrics.
 
 Both front ends mount `router` (`unclip serve` under uvicorn, the Ray Serve deployment); a
 route finds its engine and settings in `request.app.state.unclip` (a `ServeState`). The
-routes only translate: JSON in, `Engine.generate`, PNGs out, and every error as OpenAI's
-envelope `{"error": {"message", "type", "param", "code"}}` with a 4xx for anything the client
-can fix — never a traceback in a body.
+routes only translate: JSON (generations) or a multipart form with an image file (variations)
+in, `Engine.generate` / `Engine.vary`, PNGs out, and every error as OpenAI's envelope
+`{"error": {"message", "type", "param", "code"}}` with a 4xx for anything the client can fix —
+never a traceback in a body.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from unclip.serve.envelope import ApiError, envelope
 router = APIRouter()
 
 GENERATIONS = "/v1/images/generations"
+VARIATIONS = "/v1/images/variations"
 TUNABLE = ("prior_steps", "decoder_steps", "super_res_steps", "prior_guidance", "decoder_guidance",
            "use_prior")
 
@@ -42,6 +44,7 @@ class ServeState:
     replica: str  # this process's identity: a response header and a metric label
     timeout_s: float | None = None  # per-request deadline
     max_body_bytes: int = 65536
+    max_upload_bytes: int = 4 * 2**20  # a variation's whole form; OpenAI takes images under 4 MB
     ready: bool = False  # after the model is loaded and warmed up
     info: dict = field(default_factory=dict)
 
@@ -72,6 +75,24 @@ class ImageGenerationRequest(BaseModel):
     use_prior: bool | None = None
 
 
+class ImageVariationForm(BaseModel):
+    """OpenAI's `POST /v1/images/variations` form fields besides the `image` file, plus unclip's
+    settings of the stages a variation runs. Form values arrive as text: "3" is read as 3, "3.5" as
+    n is refused; unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    n: int = 1
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    user: str | None = None
+    seed: int | None = None
+    decoder_steps: int | None = None
+    super_res_steps: int | None = None
+    decoder_guidance: float | None = None
+
+
 def engine_error(exc: UnclipError, state: ServeState) -> ApiError:
     """The engine's errors as HTTP statuses: the client's mistake 400, busy 429, draining 503,
     too slow 504, a failed generation 500."""
@@ -91,21 +112,27 @@ def engine_error(exc: UnclipError, state: ServeState) -> ApiError:
     return ApiError(400, str(exc), param=param, code="invalid_value")
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object, refusing more than `limit` bytes before reading them all."""
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """The body, refusing more than `limit` bytes before reading them all."""
     declared = request.headers.get("content-length")
+    too_large = ApiError(413, f"the request body is larger than {limit} bytes; send {what}",
+                         code="body_too_large")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise ApiError(413, f"the request body is larger than {limit} bytes; send a shorter prompt",
-                       code="body_too_large")
+        raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"the request body is larger than {limit} bytes; send a shorter prompt",
-                           code="body_too_large")
+            raise too_large
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object, refusing more than `limit` bytes before reading them all."""
+    body = await read_body(request, limit, "a shorter prompt")
     try:
-        data = json.loads(b"".join(chunks))
+        data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc}); send a JSON object",
                        code="invalid_json") from None
@@ -115,15 +142,54 @@ async def read_json(request: Request, limit: int) -> dict:
     return data
 
 
-def parse_request(data: dict, state: ServeState) -> ImageGenerationRequest:
+async def read_variation_form(request: Request, limit: int) -> tuple[dict[str, str], bytes]:
+    """(text fields, the image file's bytes) of a multipart/form-data body of at most `limit` bytes."""
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request as Body
+
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(415, "send multipart/form-data with the image as a file field `image` (as OpenAI's "
+                       "images/variations takes it)", code="invalid_content_type")
+    body = await read_body(request, limit, f"a smaller image (the whole form at most {limit} bytes)")
+
+    async def replay():  # the body read above, to Starlette's form parser
+        return {"type": "http.request", "body": body, "more_body": False}
+
     try:
-        body = ImageGenerationRequest.model_validate(data)
+        form = await Body(request.scope, replay).form(max_files=1, max_fields=16, max_part_size=limit)
+    except Exception as exc:  # noqa: BLE001 - the multipart parser's errors are the client's malformed body
+        detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+        raise ApiError(400, f"the multipart form cannot be read ({str(detail)[:120]})",
+                       code="invalid_form") from None
+    fields, image = {}, None
+    for key, value in form.multi_items():
+        if key in fields or (key == "image" and image is not None):
+            raise ApiError(400, f"field {key!r} is given twice; send it once", param=key,
+                           code="invalid_value")
+        if key == "image":
+            if not isinstance(value, UploadFile):
+                raise ApiError(400, "image must be a file (a PNG), not a text field", param="image",
+                               code="invalid_type")
+            image = await value.read()
+        elif isinstance(value, UploadFile):
+            raise ApiError(400, f"{key} must be a text field, not a file", param=key, code="invalid_type")
+        else:
+            fields[key] = value
+    if image is None:
+        raise ApiError(400, "image is required: a PNG file in the form field `image`", param="image",
+                       code="missing_parameter")
+    return fields, image
+
+
+def parse_request(data: dict, state: ServeState, schema: type[BaseModel] = ImageGenerationRequest):
+    try:
+        body = schema.model_validate(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         if first["type"] == "extra_forbidden":
-            message = (f"unknown field {param!r}; allowed: "
-                       f"{', '.join(ImageGenerationRequest.model_fields)}")
+            allowed = (["image"] if schema is ImageVariationForm else []) + list(schema.model_fields)
+            message = f"unknown field {param!r}; allowed: {', '.join(allowed)}"
             raise ApiError(400, message, param=param, code="unknown_parameter") from None
         if first["type"] == "missing":
             raise ApiError(400, f"{param} is required", param=param, code="missing_parameter") from None
@@ -162,17 +228,46 @@ async def until_disconnected(request: Request) -> None:
 @router.post(GENERATIONS)
 async def generations(request: Request) -> Response:
     state: ServeState = request.app.state.unclip
+
+    async def start():
+        body = parse_request(await read_json(request, state.max_body_bytes), state)
+        settings = {k: getattr(body, k) for k in TUNABLE if getattr(body, k) is not None}
+        return body, state.engine.generate(body.prompt, n=body.n, seed=body.seed, timeout_s=state.timeout_s,
+                                           **settings)
+
+    return await serve_images(request, state, start, lambda body, s: {
+        "prompt": body.prompt, "steps": f"prior {s.prior_steps}, decoder {s.decoder_steps}, super-res "
+        f"{s.super_res_steps}", "guidance": f"prior {s.prior_guidance}, decoder {s.decoder_guidance}",
+        "prior": "yes" if s.use_prior else "no"})
+
+
+@router.post(VARIATIONS)
+async def variations(request: Request) -> Response:
+    """OpenAI's image variations: a multipart form with the image file, n, size, response_format."""
+    state: ServeState = request.app.state.unclip
+
+    async def start():
+        fields, image = await read_variation_form(request, state.max_upload_bytes)
+        body = parse_request(fields, state, ImageVariationForm)
+        settings = {k: getattr(body, k) for k in ("decoder_steps", "super_res_steps", "decoder_guidance")
+                    if getattr(body, k) is not None}
+        return body, state.engine.vary(image, n=body.n, seed=body.seed, timeout_s=state.timeout_s, **settings)
+
+    return await serve_images(request, state, start, lambda body, s: {
+        "mode": "variation", "steps": f"decoder {s.decoder_steps}, super-res {s.super_res_steps}",
+        "guidance": f"decoder {s.decoder_guidance}"})
+
+
+async def serve_images(request: Request, state: ServeState, start, describe) -> Response:
+    """The part every images route shares: `start()` reads the request and returns (body, the engine's
+    coroutine); the job runs until done or the client leaves; PNGs come back with `describe(body,
+    settings)` and the run's seed and model as PNG text."""
     try:
         if not state.engine.accepting:
             raise ApiError(503, "the server is shutting down and takes no new requests; retry on another "
                            "replica", type="server_error", code="shutting_down", headers={"Retry-After": "1"})
-        body = parse_request(await read_json(request, state.max_body_bytes), state)
-        settings = {k: getattr(body, k) for k in TUNABLE if getattr(body, k) is not None}
-        try:
-            job = asyncio.ensure_future(state.engine.generate(body.prompt, n=body.n, seed=body.seed,
-                                                              timeout_s=state.timeout_s, **settings))
-        except UnclipError as exc:
-            raise engine_error(exc, state) from None
+        body, coroutine = await start()
+        job = asyncio.ensure_future(coroutine)
         left = asyncio.ensure_future(until_disconnected(request))
         await asyncio.wait({job, left}, return_when=asyncio.FIRST_COMPLETED)
         if not job.done():  # the client left: cancel, so that its rows stop costing compute
@@ -187,11 +282,8 @@ async def generations(request: Request) -> Response:
     except ApiError as error:
         request.state.log = {**getattr(request.state, "log", {}), "error": error.code}
         return envelope(error)
-    s = result.settings
-    meta = {"prompt": body.prompt, "seed": str(result.seed), "model": state.model, "software": "unclip",
-            "steps": f"prior {s.prior_steps}, decoder {s.decoder_steps}, super-res {s.super_res_steps}",
-            "guidance": f"prior {s.prior_guidance}, decoder {s.decoder_guidance}",
-            "prior": "yes" if s.use_prior else "no"}
+    meta = {**describe(body, result.settings), "seed": str(result.seed), "model": state.model,
+            "software": "unclip"}
     from starlette.concurrency import run_in_threadpool
 
     images = await run_in_threadpool(

@@ -6,7 +6,8 @@ ends over it. The engine owns everything about requests in flight:
 * **Queue**: bounded (`max_queue`); a full queue refuses at once (`QueueFull`, with a retry
   hint), never blocks the caller.
 * **Batching**: the scheduler takes the oldest request and every queued request compatible with
-  it (same steps, guidance, prior: `Request.batch_key`), in arrival order, up to
+  it (same steps, guidance, prior, and the same kind, text or variation: `Request.batch_key`), in
+  arrival order, up to
   `max_batch_images` images, waiting at most `max_wait_ms` after the oldest arrived for more.
   The oldest request always goes next, so an incompatible request is never passed over for long,
   and never holds up compatible ones behind it (they go with the batch of their own kind).
@@ -22,6 +23,7 @@ ends over it. The engine owns everything about requests in flight:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import secrets
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from unclip.engine.batch import Request
+from unclip.engine.image_conditioned import preprocess
 from unclip.engine.pipeline import Pipeline
 from unclip.engine.settings import check_prompts, check_seed
 from unclip.errors import GenerationError, UnclipError
@@ -153,18 +156,42 @@ class Engine:
                timeout_s: float | None = None, **settings) -> Job:
         """Queue a request (`n` images per prompt; settings as Pipeline.generate). Bad input raises
         UnclipError here; a full queue QueueFull; a draining engine ShuttingDown."""
-        if not self._loaded.is_set():
-            raise ShuttingDown("the model is still loading; retry in a moment")
+        self._check_loaded()
         limits = self.pipeline.limits  # the same limits as Pipeline.generate (engine.settings.Limits)
         prompts = check_prompts(prompt, limits)
         s = self.pipeline.settings(num_images=n, **settings)
+        self.pipeline.check_prior(s)
         limits.check_images(len(prompts), s.num_images)
-        seed = secrets.randbelow(2**63) if seed is None else check_seed(seed)
+        seed = self._check(seed, timeout_s)
+        return self._enqueue(lambda generator: Request(prompts, s, generator), seed, timeout_s)
+
+    def submit_variation(self, image, *, n: int = 1, seed: int | None = None, timeout_s: float | None = None,
+                         **settings) -> Job:
+        """Queue `n` variations of one image (encoded bytes, a path or a PIL image; settings as
+        Pipeline.vary). The image is decoded and preprocessed here, in the caller's thread; the image
+        encoder runs in the batch. Variations batch with variations only."""
+        self._check_loaded()
+        s = self.pipeline.image_settings(num_images=n, **settings)
+        self.pipeline.limits.check_images(1, s.num_images)
+        seed = self._check(seed, timeout_s)
+        pixels = preprocess(self.pipeline, [image], "a variation")
+        return self._enqueue(lambda generator: Request([""], s, generator, pixel_values=pixels), seed,
+                             timeout_s)
+
+    def _check_loaded(self) -> None:
+        if not self._loaded.is_set():
+            raise ShuttingDown("the model is still loading; retry in a moment")
+
+    @staticmethod
+    def _check(seed: int | None, timeout_s: float | None) -> int:
         if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise UnclipError(f"timeout must be a positive number of seconds, got {timeout_s!r}",
                               param="timeout")
+        return secrets.randbelow(2**63) if seed is None else check_seed(seed)
+
+    def _enqueue(self, request_for, seed: int, timeout_s: float | None) -> Job:
         now = time.monotonic()
-        job = Job(uuid.uuid4().hex, Request(prompts, s, torch.Generator("cpu").manual_seed(seed)), seed, now,
+        job = Job(uuid.uuid4().hex, request_for(torch.Generator("cpu").manual_seed(seed)), seed, now,
                   None if timeout_s is None else now + timeout_s)
         job.request.cancelled = job.should_stop
         with self._cond:
@@ -183,7 +210,20 @@ class Engine:
     async def generate(self, prompt: str | list[str], *, on_submit=None, **kwargs) -> Result:
         """`submit` for asyncio: if the awaiting task is cancelled (its client disconnected), the
         request is cancelled too and its rows stop costing compute. `on_submit(job)` sees the job."""
-        job = self.submit(prompt, **kwargs)
+        return await self._wait(self.submit(prompt, **kwargs), on_submit)
+
+    async def vary(self, image, *, on_submit=None, **kwargs) -> Result:
+        """`submit_variation` for asyncio, decoding the image in a worker thread (not the event loop)."""
+        submitted = asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.submit_variation, image, **kwargs))
+        try:
+            job = await asyncio.shield(submitted)
+        except asyncio.CancelledError:  # the caller left while the image was decoded: cancel once queued
+            submitted.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().cancel())
+            raise
+        return await self._wait(job, on_submit)
+
+    async def _wait(self, job: Job, on_submit) -> Result:
         if on_submit is not None:
             on_submit(job)
         timeout = None if job.deadline is None else max(0.0, job.deadline - time.monotonic())
@@ -218,6 +258,11 @@ class Engine:
     def warmup(self, **settings) -> Result:
         """One request through the whole path (allocations, kernel choices, CUDA graphs), so that
         the first user request does not pay for it. Blocks."""
+        if not self.pipeline.has_prior:  # a variation-only model: warm up with a variation of a grey image
+            from PIL import Image
+
+            grey = Image.new("RGB", (self.pipeline.dims.super_res_size,) * 2, (128, 128, 128))
+            return self.submit_variation(grey, seed=0, **settings).future.result()
         return self.submit("warm-up", seed=0, **settings).future.result()
 
     def shutdown(self, drain_s: float = 30.0) -> None:

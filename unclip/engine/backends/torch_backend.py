@@ -23,9 +23,9 @@ class TorchBackend:
         self.dims = model_dims(components)
         self.specs = network_specs(self.dims)
         self.networks = {k: m.to(self.device).eval() for k, m in adapters(components).items()}
-        prior = components.prior
-        self._constants = {"clip_mean": prior.clip_mean.detach().to(self.device),
-                           "clip_std": prior.clip_std.detach().to(self.device)}
+        prior = components.prior  # a variation-only model has none, and no CLIP statistics
+        self._constants = {} if prior is None else {"clip_mean": prior.clip_mean.detach().to(self.device),
+                                                     "clip_std": prior.clip_std.detach().to(self.device)}
         self.threads = CpuThreadPolicy() if self.device.type == "cpu" else None
 
     def run(self, network: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:

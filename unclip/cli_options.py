@@ -1,0 +1,114 @@
+"""The options every image command shares (model and backend, seed, sampler settings, --out), and
+the steps they share: settings checked before the model loads, the model loaded, PNG metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from unclip.engine.settings import IMAGE_CONDITIONED, GenerationSettings, Limits, read_sampler_defaults
+from unclip.models import DEFAULT_MODEL, DEMO_FOLDER
+
+MODEL_HELP = ("demo (the trained model shipped in the package), a checkpoint folder (diffusers "
+              "UnCLIPPipeline layout) or a random-weight preset: tiny, small, karlo")
+LIMITS = Limits()  # the CLI runs with the default limits (docs/validation.md)
+SETTINGS = ("prior_steps", "decoder_steps", "super_res_steps", "prior_guidance", "decoder_guidance")
+
+
+def _setting_help(field: str, image: bool = False) -> str:
+    """The range, and the value the default model runs with (its sampler_defaults.json, if any; for
+    the image commands, its image_conditioned section first)."""
+    allowed = (f"2..{LIMITS.max_steps}" if field.endswith("steps")
+               else f"1.0 (unguided) .. {LIMITS.max_guidance:g}")
+    engine = getattr(GenerationSettings(), field)
+    file = read_sampler_defaults(DEMO_FOLDER) if DEMO_FOLDER.is_dir() else {}
+    demo = {**file, **(file.get(IMAGE_CONDITIONED, {}) if image else {})}.get(field)
+    if demo is None or DEFAULT_MODEL != "demo":
+        return f"{allowed}  [default: {engine}; a model's sampler_defaults.json may set its own]"
+    return f"{allowed}  [default: {demo} for demo (its sampler_defaults.json); {engine} without one]"
+
+
+def _apply(options: list, f):
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def model_options(f):
+    """--model, --backend, --device, --dtype, --cuda-graphs, --kernels."""
+    return _apply([
+        click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP),
+        click.option("--backend", default="torch", show_default=True,
+                     help="torch, onnxruntime or openvino (then --model is a folder made by `unclip export "
+                          "onnx`), or tensorrt (--device cuda; the folder also has `unclip export tensorrt` "
+                          "engines)"),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda"),
+        click.option("--dtype", default="fp32", show_default=True,
+                     help="fp32; fp16/bf16 with --backend torch on cuda; bf16 with --backend torch or "
+                          "openvino on a CPU with native bf16 (half networks, float32 scheduler; "
+                          "docs/cpu.md)"),
+        click.option("--cuda-graphs", is_flag=True,
+                     help="cuda: replay each stage's loop as one captured CUDA graph"),
+        click.option("--kernels", is_flag=True,
+                     help="cuda: fused Triton kernels (GroupNorm+SiLU, guidance step)"),
+    ], f)
+
+
+def seed_option(f):
+    return click.option("--seed", type=int, default=0, show_default=True,
+                        help="0 <= seed < 2**64; seeds torch.Generator('cpu'): the same seed gives the same "
+                             "images")(f)
+
+
+def sampler_options(stages: tuple[str, ...] = ("prior", "decoder", "super_res"), image: bool = False):
+    """--{stage}-steps and --{stage}-guidance (super-resolution is unguided) for the stages a command
+    runs; `image`: an image command's defaults (the model's image_conditioned section)."""
+    def decorate(f):
+        options = [click.option(f"--{stage.replace('_', '-')}-steps", type=int, default=None,
+                                help=_setting_help(f"{stage}_steps", image)) for stage in stages]
+        options += [click.option(f"--{stage}-guidance", type=float, default=None,
+                                 help=_setting_help(f"{stage}_guidance", image))
+                    for stage in stages if stage != "super_res"]
+        return _apply(options, f)
+    return decorate
+
+
+def out_option(f):
+    return click.option(
+        "--out", type=click.Path(path_type=Path), default=Path("unclip-out"), show_default=True,
+        help="folder for the images; a reused folder gets this run's images, and the earlier run's "
+             "NNNN.png (and strip.png, frames.gif) are removed (other files are left alone; one of those "
+             "names that unclip did not write is refused)")(f)
+
+
+def allow_pickle_option(f):
+    return click.option("--allow-pickle", is_flag=True,
+                        help="allow pickle (.bin) weights, which can run code")(f)
+
+
+def given_settings(options: dict, **fixed) -> dict:
+    """The sampler settings given on the command line, checked by the layer generate() uses, before
+    any model loads."""
+    given = {name: options[name] for name in SETTINGS if options.get(name) is not None}
+    given.update(fixed)
+    GenerationSettings(**given).validate(LIMITS)
+    return given
+
+
+def load_pipeline(options: dict):
+    import unclip
+
+    return unclip.load(options["model"], backend=options["backend"], device=options["device"],
+                       allow_pickle=options["allow_pickle"], dtype=options["dtype"],
+                       cuda_graphs=options["cuda_graphs"], kernels=options["kernels"])
+
+
+def run_metadata(s: GenerationSettings, seed: int, model: str, prior: bool = True) -> dict[str, str]:
+    """The PNG text every image of a run carries: the settings used (the prior's only where it ran)."""
+    steps = f"decoder {s.decoder_steps}, super-res {s.super_res_steps}"
+    guidance = f"decoder {s.decoder_guidance}"
+    if prior:
+        steps, guidance = f"prior {s.prior_steps}, {steps}", f"prior {s.prior_guidance}, {guidance}"
+    return {"seed": str(seed), "steps": steps, "guidance": guidance, "model": str(model),
+            "software": "unclip"}

@@ -130,7 +130,8 @@ def two_replicas(tmp_path_factory):
     """Two replicas of the demo model behind one endpoint (shared by the tests below in order:
     the fault test, last, kills one of them)."""
     log = tmp_path_factory.mktemp("ray") / "serve.log"
-    with ray_server(log, "--model", "demo", "--replicas", "2") as server:
+    # --drain-s: the SIGTERM test's held requests (seconds each) must finish even on a loaded machine
+    with ray_server(log, "--model", "demo", "--replicas", "2", "--drain-s", "60") as server:
         assert len(server.replicas()) == 2, server.text()[-3000:]
         yield server
         assert_stopped_cleanly(server)
@@ -247,7 +248,9 @@ def test_sigterm_lets_held_requests_finish_and_exits_0(two_replicas):
     the envelope and Retry-After (another node's proxy may take them); the process exits 0 and
     Ray's processes are gone."""
     server = two_replicas
-    slow = dict(prior_steps=5, decoder_steps=100, super_res_steps=3)  # seconds: still running at SIGTERM
+    # about 5 s on an idle machine (100 decoder steps finished within the 2 s below there): still
+    # running at SIGTERM, and done well within the drain on a loaded one
+    slow = dict(prior_steps=5, decoder_steps=300, super_res_steps=3)
     with ThreadPoolExecutor(4) as pool:
         held = [pool.submit(httpx.post, server.url + GEN, json={"prompt": p, "seed": 1, **slow}, timeout=WAIT)
                 for p, _ in CASES + CASES[:1]]

@@ -53,44 +53,38 @@ class ServeState:
         return f"{self.image_size}x{self.image_size}"
 
 
-class ImageGenerationRequest(BaseModel):
-    """OpenAI's `POST /v1/images/generations` body (the dall-e-2 fields), plus unclip's sampler
-    settings. Types are strict: "3" is not 3; unknown fields are refused."""
+class _ImageFields(BaseModel):
+    """The fields both image routes take: OpenAI's (dall-e-2) and unclip's settings of the stages
+    that run from an image embedding on, with the same names and meaning as unclip.Pipeline."""
+
+    model: str | None = None
+    n: int = 1
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    user: str | None = None
+    seed: int | None = None
+    decoder_steps: int | None = None
+    super_res_steps: int | None = None
+    decoder_guidance: float | None = None
+
+
+class ImageGenerationRequest(_ImageFields):
+    """OpenAI's `POST /v1/images/generations` body, plus unclip's sampler settings. Types are
+    strict: "3" is not 3; unknown fields are refused."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str
-    model: str | None = None
-    n: int = 1
-    size: str | None = None
-    response_format: Literal["b64_json", "url"] = "b64_json"
-    user: str | None = None
-    # extensions: the same names and meaning as unclip.Pipeline.generate
-    seed: int | None = None
     prior_steps: int | None = None
-    decoder_steps: int | None = None
-    super_res_steps: int | None = None
     prior_guidance: float | None = None
-    decoder_guidance: float | None = None
     use_prior: bool | None = None
 
 
-class ImageVariationForm(BaseModel):
-    """OpenAI's `POST /v1/images/variations` form fields besides the `image` file, plus unclip's
-    settings of the stages a variation runs. Form values arrive as text: "3" is read as 3, "3.5" as
-    n is refused; unknown fields are refused."""
+class ImageVariationForm(_ImageFields):
+    """OpenAI's `POST /v1/images/variations` form fields besides the `image` file. Form values
+    arrive as text: "3" is read as 3, "3.5" as n is refused; unknown fields are refused."""
 
     model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
-    n: int = 1
-    size: str | None = None
-    response_format: Literal["b64_json", "url"] = "b64_json"
-    user: str | None = None
-    seed: int | None = None
-    decoder_steps: int | None = None
-    super_res_steps: int | None = None
-    decoder_guidance: float | None = None
 
 
 def engine_error(exc: UnclipError, state: ServeState) -> ApiError:

@@ -10,7 +10,6 @@ replica id. docs/ray.md has the cluster files; `build_app` is what a Ray Serve c
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -64,6 +63,7 @@ class UnclipReplica:
         from unclip.serve.cli import log_to_stderr
         from unclip.serve.engine import Engine
         from unclip.serve.metrics import Metrics
+        from unclip.serve.server import warm_up
 
         a = UnclipArgs.model_validate(args or {})
         replica = serve.get_replica_context().replica_tag
@@ -78,12 +78,8 @@ class UnclipReplica:
         self.state = ServeState(engine, model=a.model, image_size=pipe.dims.super_res_size, replica=replica,
                                 timeout_s=a.timeout_s, max_body_bytes=a.max_body_bytes)
         # Ray routes to a replica once __init__ returns: warm up first, so no request waits on it
-        engine.warmup()
-        # the model's objects live as long as the replica: out of the collector's full passes,
-        # which would hold the GIL (and the event loop) for a long while each
-        gc.collect()
-        gc.freeze()
-        self.state.ready = True
+        # (a failure raises: Ray replaces a replica whose constructor fails)
+        warm_up(self.state)
         log.info("replica %s ready: model %s, pid %d, torch threads %d", replica, a.model, os.getpid(),
                  torch.get_num_threads())
 

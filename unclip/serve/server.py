@@ -64,16 +64,20 @@ def create_app(state: ServeState, *, warmup: bool = True) -> FastAPI:
     return app
 
 
+def warm_up(state: ServeState) -> None:
+    """Run one request through the engine, then take the model's objects out of the collector and
+    mark the server ready. The model's Python objects (~0.5 M for the demo) live as long as the
+    process; left to the collector, every full pass walks them all holding the GIL: 0.5 s on the
+    shared 2-core machine, during which the event loop answers nothing (a 429 took 280 ms)."""
+    state.engine.warmup()
+    gc.collect()
+    gc.freeze()
+    state.ready = True
+
+
 def _warm_up(state: ServeState) -> None:
     try:
-        state.engine.warmup()
-        # The model's Python objects (~0.5 M for the demo) live as long as the process. Left to the
-        # collector, every full pass walks them all, holding the GIL: 0.5 s on the shared 2-core
-        # machine, during which the event loop answers nothing (a 429 took 280 ms). Frozen, they
-        # are skipped.
-        gc.collect()
-        gc.freeze()
-        state.ready = True
+        warm_up(state)
         log.info("ready: model %s warmed up", state.model)
     except Exception:  # noqa: BLE001 - a failed warm-up leaves the replica unready, visibly
         log.exception("warm-up failed; /health/ready stays 503")

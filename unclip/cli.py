@@ -16,6 +16,7 @@ from unclip.cli_options import (
     LIMITS,
     MODEL_HELP,
     allow_pickle_option,
+    check_run,
     given_settings,
     load_pipeline,
     model_options,
@@ -30,7 +31,7 @@ from unclip.export.cli import export
 from unclip.folders import check_output_folder, write_file_atomic
 from unclip.image_commands import interpolate, textdiff, vary
 from unclip.models import DEFAULT_MODEL
-from unclip.output_images import earlier_images, write_images
+from unclip.output_images import write_images
 from unclip.serve.cli import serve
 from unclip.serve.loadtest import loadtest
 
@@ -110,9 +111,7 @@ def generate(prompts: tuple[str, ...], seed: int, num_images: int, no_prior: boo
     # every value is checked before the model loads, by the same layer generate() uses
     given = given_settings(options, num_images=num_images, use_prior=not no_prior)
     LIMITS.check_images(len(check_prompts(list(prompts), LIMITS)), num_images)
-    check_seed(seed)
-    check_output_folder(out)
-    earlier_images(out)
+    check_run(out, seed)
     pipe = load_pipeline(options)
     s = pipe.settings(**given)
     images = pipe.generate(list(prompts), seed=seed, progress=True, **vars(s))

@@ -7,8 +7,16 @@ from pathlib import Path
 
 import click
 
-from unclip.engine.settings import IMAGE_CONDITIONED, GenerationSettings, Limits, read_sampler_defaults
+from unclip.engine.settings import (
+    IMAGE_CONDITIONED,
+    GenerationSettings,
+    Limits,
+    check_seed,
+    read_sampler_defaults,
+)
+from unclip.folders import check_output_folder
 from unclip.models import DEFAULT_MODEL, DEMO_FOLDER
+from unclip.output_images import earlier_images
 
 MODEL_HELP = ("demo (the trained model shipped in the package), a checkpoint folder (diffusers "
               "UnCLIPPipeline layout) or a random-weight preset: tiny, small, karlo")
@@ -112,3 +120,11 @@ def run_metadata(s: GenerationSettings, seed: int, model: str, prior: bool = Tru
         steps, guidance = f"prior {s.prior_steps}, {steps}", f"prior {s.prior_guidance}, {guidance}"
     return {"seed": str(seed), "steps": steps, "guidance": guidance, "model": str(model),
             "software": "unclip"}
+
+
+def check_run(out: Path, seed: int) -> None:
+    """The seed and the output folder, checked before the model loads (an earlier run's images in
+    OUT are found now and replaced only when the new ones are written)."""
+    check_seed(seed)
+    check_output_folder(out)
+    earlier_images(out)

@@ -14,6 +14,7 @@ import click
 from unclip.cli_options import (
     LIMITS,
     allow_pickle_option,
+    check_run,
     given_settings,
     load_pipeline,
     model_options,
@@ -24,10 +25,9 @@ from unclip.cli_options import (
 )
 from unclip.engine.image_conditioned import DEFAULT_AMOUNTS, check_amounts, check_caption, check_count
 from unclip.engine.image_input import load_image
-from unclip.engine.settings import check_prompts, check_seed
+from unclip.engine.settings import check_prompts
 from unclip.errors import UnclipError
-from unclip.folders import check_output_folder
-from unclip.output_images import earlier_images, strip_files, write_images
+from unclip.output_images import strip_files, write_images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 
@@ -35,12 +35,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 def read_images(paths: list[str]) -> list:
     """Each file decoded now (within the pixel limit): a bad one stops the run before the model loads."""
     return [load_image(Path(p), LIMITS.max_image_pixels) for p in paths]
-
-
-def prepare(out: Path, seed: int) -> None:
-    check_seed(seed)
-    check_output_folder(out)
-    earlier_images(out)
 
 
 @click.command()
@@ -60,7 +54,7 @@ def vary(images: tuple[str, ...], seed: int, num_images: int, out: Path, **optio
         raise UnclipError(f"{len(images)} images in one call is above the limit of {LIMITS.max_prompts}; "
                           "split them over several runs")
     LIMITS.check_images(len(images), num_images)
-    prepare(out, seed)
+    check_run(out, seed)
     decoded = read_images(list(images))
     pipe = load_pipeline(options)
     s = pipe.image_settings(**given)
@@ -96,7 +90,7 @@ def interpolate(a: str, b: str, frames: int, seed: int, out: Path, **options) ->
     Writes OUT/0000.png, ..., plus OUT/strip.png (the frames side by side) and OUT/frames.gif."""
     given = given_settings(options)
     check_count(LIMITS, frames, "--frames", 2, "from A to B, both included")
-    prepare(out, seed)
+    check_run(out, seed)
     ends = [endpoint(a), endpoint(b)]
     pipe = load_pipeline(options)
     s = pipe.image_settings(**given)
@@ -138,7 +132,7 @@ def textdiff(image: str, from_text: str, to_text: str, amounts: str, seed: int, 
     captions = [check_caption(LIMITS, text, name)
                 for text, name in ((from_text, "--from"), (to_text, "--to"))]
     steps = parse_amounts(amounts)
-    prepare(out, seed)
+    check_run(out, seed)
     [decoded] = read_images([image])
     pipe = load_pipeline(options)
     s = pipe.image_settings(**given)

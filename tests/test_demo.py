@@ -109,7 +109,7 @@ def test_demo_card_states_measured_numbers():
                     "clip_retrieval_top1"):
             assert f"{100 * row[key]:.1f} %" in card, (group, key)
     log = json.loads((DEMO_FOLDER / "training_log.json").read_text())
-    total = sum(log["seconds_per_stage"].values())
+    total = sum(log["seconds_per_stage"].values()) + sum(f["seconds"] for f in log.get("finetunes", []))
     assert set(log["seconds_per_stage"]) == {"clip", "prior", "decoder", "super_res"}
     assert total <= 90 * 60 and f"{total / 60:.1f} min" in card
 

@@ -43,6 +43,52 @@ def _eval_rows(evaluation: dict) -> str:
         for group, row in evaluation["summary"].items())
 
 
+def _defaults_text(defaults: dict) -> str:
+    parts = [f"{k} {v}" for k, v in defaults.items() if not isinstance(v, dict)]
+    parts += [f"{', '.join(f'{k} {v}' for k, v in section.items())} for image-conditioned generation "
+              f"(`{name}`: variations, interpolations, text diffs)"
+              for name, section in defaults.items() if isinstance(section, dict)]
+    return ", ".join(parts)
+
+
+# typed in, like the guidance sweep: how the fine-tune's length was chosen (validation seed 1 of
+# benchmarks/variations.py, never the evaluation's seeds)
+FINETUNE_CHOICE = """The length was chosen on validation seed 1 of `benchmarks/variations.py` (variations of
+rendered scenes right in all three fields at image-conditioned decoder guidance 2): 85.1 % after 1200
+steps, 91.1 % after 2400 (`benchmarks/results/variations/validation-seed1/`)."""
+
+
+def _finetune_text(finetunes: list[dict]) -> str:
+    if not finetunes:
+        return ""
+    commands = []
+    for ft in finetunes:
+        out = ft["command"].split("--out ")[1].split()[0]
+        commands += [ft["command"], f"python -m training.adopt_decoder {out}"]
+    rows = "\n".join(
+        f"| {ft['date']} | {c.get('decoder_steps')} | {c.get('diffusion_lr')} | {c.get('seed')} "
+        f"| {c.get('text_drop_p', '(unchanged)')} | {ft['seconds']:.0f} s |"
+        for ft in finetunes for c in [ft["recipe_changes"]])
+    block = "\n".join(commands)
+    return f"""
+Then the decoder was fine-tuned, text_proj and decoder only, each run continuing from the weights
+before it, every other network unchanged (`training/adopt_decoder.py` copies only those two and
+checks the rest byte for byte), on the same machine type:
+
+```bash
+{block}
+```
+
+| date | steps | peak learning rate | data seed | caption dropout | time |
+|---|---:|---:|---:|---:|---:|
+{rows}
+
+A decoder that sees its caption dropped more often reads the image embedding alone better, which
+is what variations, interpolations and text diffs decode
+(benchmarks/results/variations/finetune-experiment/). {FINETUNE_CHOICE}
+"""
+
+
 def card(folder: Path) -> str:
     log = json.loads((folder / "training_log.json").read_text())
     evaluation = json.loads((folder / "evaluation.json").read_text())
@@ -64,6 +110,11 @@ def card(folder: Path) -> str:
     held_out = ", ".join(f"{c} {s} on {b}" for c, s, b in HELD_OUT)
     m = log["machine"]
     stage_rows = "\n".join(f"| {k} | {r[f'{k}_steps']} | {v:.0f} s |" for k, v in seconds.items())
+    finetunes = log.get("finetunes", [])
+    for ft in finetunes:
+        steps = ft["recipe_changes"].get("decoder_steps")
+        stage_rows += f"\n| decoder fine-tune | {steps} | {ft['seconds']:.0f} s |"
+        total += ft["seconds"]
     return f"""# unclip demo model
 
 A small but genuine unCLIP (CLIP text encoder → prior → 32×32 decoder → 32→64 super-resolution),
@@ -113,7 +164,7 @@ is drawn after the decoder, which was widened between the two runs. Batch sizes:
 {r['super_res_batch']} (32 px crops). EMA {r['ema_decay']}
 on the prior, decoder and super-res weights; guidance dropout {r['unconditional_p']} (image
 embedding and text), decoder caption dropout {r['text_drop_p']}.
-
+{_finetune_text(finetunes)}
 ## Evaluation
 
 ```bash
@@ -141,14 +192,16 @@ The same at seed {second['seed']} over every trained combination
 
 ### Sampler defaults
 
-`sampler_defaults.json` sets {", ".join(f"{k} {v}" for k, v in defaults.items())} for this model
+`sampler_defaults.json` sets {_defaults_text(defaults)} for this model
 (the engine's defaults, Karlo's, are decoder guidance 8.0); an explicit `--decoder-guidance`
-still wins. Chosen on a validation run apart from the evaluation (seed 100, 16 trained prompts
-x 2 images, all three right): decoder guidance 1 / 2 / 3 / 4 / 8 gave 81.2 / 78.1 / 68.8 / 68.8 /
-46.9 %; after the super-resolution stage was retrained with blurred inputs, 1 / 2 / 4 / 8 gave
-78.1 / 78.1 / 68.8 / 46.9 %. Strong guidance bends this decoder's edges: squares come out with
-rounded, wavy sides and read as circles. At guidance 8 the evaluation above scores
-{g8_text}.
+still wins. Chosen on a validation run apart from the evaluation (`benchmarks/demo_guidance.py`:
+seed 100, 16 trained prompts x 2 images, all three right): decoder guidance 1 / 2 / 3 / 4 / 8
+gave 81.2 / 78.1 / 68.8 / 68.8 / 46.9 %; after the super-resolution stage was retrained with
+blurred inputs, 1 / 2 / 4 / 8 gave 78.1 / 78.1 / 68.8 / 46.9 %; after the decoder fine-tune,
+90.6 / 68.8 / 53.1 / 40.6 %. The image-conditioned guidance was chosen on validation seed 1 of
+benchmarks/variations.py (variations right in all three fields: 91.1 % at 2, 85.7 % at 3).
+Strong guidance bends this decoder's edges: squares come out with rounded, wavy sides and read
+as circles. At guidance 8 the evaluation above scores {g8_text}.
 
 ## Limitations
 

@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--trained-prompts", type=int, default=84)
     parser.add_argument("--held-out-prompts", type=int, default=6)
+    parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -41,7 +42,8 @@ def main() -> None:
             source = Path(tmp) / "onnx"
             export_onnx(folder, source)
         pipe = unclip.load(source, backend=args.backend, dtype=args.dtype)
-        result = evaluate_pipeline(pipe, folder, args.trained_prompts, args.held_out_prompts, seed=args.seed)
+        result = evaluate_pipeline(pipe, folder, args.trained_prompts, args.held_out_prompts,
+                                   args.images_per_prompt, seed=args.seed)
     result["runner"] = f"{args.backend}-{args.dtype}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -152,3 +152,39 @@ def test_demo_accuracy_on_a_subset():
         assert row["predictions"] == by_prompt[row["prompt"]]["predictions"], row["prompt"]
     for group, bar in ACCURACY_BAR.items():
         assert result["summary"][group]["attribute_accuracy"] >= bar, (group, result["summary"][group])
+
+
+def test_adopt_decoder_copies_only_the_fine_tuned_networks(tmp_path):
+    """training/adopt_decoder.py: text_proj and decoder come from the fine-tune, the log gains the
+    run, and a fine-tune whose other networks differ from the target's is refused."""
+    import json
+    import shutil
+
+    from training.adopt_decoder import adopt
+    from unclip.models import DEMO_FOLDER
+
+    target, source = tmp_path / "target", tmp_path / "source"
+    shutil.copytree(DEMO_FOLDER, target)
+    shutil.copytree(DEMO_FOLDER, source)
+    before = json.loads((target / "training_log.json").read_text())
+    log = {**before, "command": "python -m training.finetune_decoder --out X --steps 5",
+           "recipe": {**before["recipe"], "decoder_steps": 5, "text_drop_p": 0.9},
+           "seconds_per_stage": {"decoder": 1.5}, "finetuned_from": str(DEMO_FOLDER),
+           "finetuned": ["text_proj", "decoder"]}
+    (source / "training_log.json").write_text(json.dumps(log))
+    (weights,) = (source / "decoder").glob("*.safetensors")
+    changed = bytearray(weights.read_bytes())
+    changed[-1] ^= 1  # a different last weight byte: stands in for trained weights
+    weights.write_bytes(bytes(changed))
+
+    entry = adopt(source, target)
+    assert (target / "decoder" / weights.name).read_bytes() == bytes(changed)
+    assert entry["recipe_changes"] == {"decoder_steps": 5, "text_drop_p": 0.9} and entry["seconds"] == 1.5
+    after = json.loads((target / "training_log.json").read_text())
+    assert after["finetunes"][-1] == entry and len(after["finetunes"]) == len(before.get("finetunes", [])) + 1
+    assert after["seconds_per_stage"] == before["seconds_per_stage"]  # the first training's record kept
+
+    (prior,) = (source / "prior").glob("*.safetensors")
+    prior.write_bytes(prior.read_bytes()[:-1] + bytes([prior.read_bytes()[-1] ^ 1]))
+    with pytest.raises(SystemExit, match="prior differs"):
+        adopt(source, target)

@@ -68,7 +68,7 @@ def evaluate_variations(pipe, seed: int = 0, per_scene: int = 4, chunk: int = 4,
             "per_combination": per_combination}
 
 
-def evaluate_interpolations(pipe, clip_encode, pairs: int = 24, frames: int = 7, seed: int = 0,
+def evaluate_interpolations(pipe, clip_encode, pairs: int = 96, frames: int = 7, seed: int = 0,
                             progress: bool = False, **settings) -> dict:
     """`pairs` pairs of rendered scenes (different trained combinations), `frames` frames each.
     `clip_encode(uint8 NHWC) -> unit CLIP image embeddings` measures each frame's similarity to A."""

@@ -6,18 +6,19 @@ difference from fp32 real, or one or two images of sampling noise?
 
 `unclip bench` scores every runner on `unclip evaluate`'s default subset (24 trained + 6 held-out
 prompts x 4, seed 0: one image is 1.04 / 4.2 points). This scores one runner on any subset; the
-torch-fp32 row of the same subset is `unclip evaluate` with the same options. The demo model is
-exported to ONNX into a temporary folder for the exported backends.
+torch-fp32 row of the same subset is `unclip evaluate` with the same options. The exported
+backends load the bench's cached ONNX export of the model (made once, as `unclip bench` does).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import unclip
+from unclip.bench.artifacts import prepare
+from unclip.bench.config import BenchConfig
 from unclip.models import resolve_model_path
 from unclip.models.evaluation import evaluate_pipeline
 
@@ -34,16 +35,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     folder = resolve_model_path(args.model)
-    with tempfile.TemporaryDirectory() as tmp:
-        source = folder
-        if args.backend != "torch":
-            from unclip.export.onnx_export import export_onnx
-
-            source = Path(tmp) / "onnx"
-            export_onnx(folder, source)
-        pipe = unclip.load(source, backend=args.backend, dtype=args.dtype)
-        result = evaluate_pipeline(pipe, folder, args.trained_prompts, args.held_out_prompts,
-                                   args.images_per_prompt, seed=args.seed)
+    source, _, _ = prepare(args.backend, args.model, BenchConfig.cache_dir)
+    pipe = unclip.load(source, backend=args.backend, dtype=args.dtype)
+    result = evaluate_pipeline(pipe, folder, args.trained_prompts, args.held_out_prompts,
+                               args.images_per_prompt, seed=args.seed)
     result["runner"] = f"{args.backend}-{args.dtype}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

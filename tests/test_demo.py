@@ -180,6 +180,7 @@ def test_adopt_decoder_copies_only_the_fine_tuned_networks(tmp_path):
     entry = adopt(source, target)
     assert (target / "decoder" / weights.name).read_bytes() == bytes(changed)
     assert entry["recipe_changes"] == {"decoder_steps": 5, "text_drop_p": 0.9} and entry["seconds"] == 1.5
+    assert entry["adopted"] == str(source)
     after = json.loads((target / "training_log.json").read_text())
     assert after["finetunes"][-1] == entry and len(after["finetunes"]) == len(before.get("finetunes", [])) + 1
     assert after["seconds_per_stage"] == before["seconds_per_stage"]  # the first training's record kept

@@ -45,9 +45,9 @@ def adopt(source: Path, target: Path = DEMO) -> dict:
     target_log = json.loads(target_log_path.read_text())
     base = target_log["recipe"]
     changed = {k: v for k, v in log["recipe"].items() if base.get(k) != v}
-    entry = {"command": log["command"], "from": log["finetuned_from"], "networks": list(TRAINED),
-             "recipe_changes": changed, "seconds": log["seconds_per_stage"]["decoder"],
-             "machine": log["machine"], "date": log["date"]}
+    entry = {"command": log["command"], "from": log["finetuned_from"], "adopted": str(source),
+             "networks": list(TRAINED), "recipe_changes": changed,
+             "seconds": log["seconds_per_stage"]["decoder"], "machine": log["machine"], "date": log["date"]}
     target_log.setdefault("finetunes", []).append(entry)  # in order: each continued the one before
     target_log_path.write_text(json.dumps(target_log, indent=2) + "\n")
     return entry

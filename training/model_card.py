@@ -65,8 +65,7 @@ def _finetune_text(finetunes: list[dict]) -> str:
         return ""
     commands = []
     for ft in finetunes:
-        out = ft["command"].split("--out ")[1].split()[0]
-        commands += [ft["command"], f"python -m training.adopt_decoder {out}"]
+        commands += [ft["command"], f"python -m training.adopt_decoder {ft['adopted']}"]
     rows = "\n".join(
         f"| {ft['date']} | {c.get('decoder_steps')} | {c.get('diffusion_lr')} | {c.get('seed')} "
         f"| {c.get('text_drop_p', '(unchanged)')} | {ft['seconds']:.0f} s |"

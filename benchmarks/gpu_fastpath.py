@@ -220,10 +220,12 @@ class FastResults(Results):
 
 
 # What the GPU suite imports (its tests and its benchmark runners). The device image has all but
-# the last two; those travel as wheels (--no-deps; importlib_metadata 8.x: 9+ needs lazy-importer).
+# diffusers and pydantic; those travel as wheels (--no-deps, so each of their own needs is named;
+# importlib_metadata 8.x: 9+ needs lazy-importer).
 REQUIRED = {name: None for name in ("torch", "triton", "transformers", "numpy", "PIL", "safetensors", "click",
                                     "tqdm", "onnx", "onnxruntime", "pytest")}
-REQUIRED.update(diffusers="diffusers==0.42.1", importlib_metadata="importlib_metadata==8.7.0")
+REQUIRED.update(diffusers="diffusers==0.42.1", importlib_metadata="importlib_metadata==8.7.0",
+                pydantic="pydantic==2.13.4 pydantic_core==2.46.4 annotated_types==0.8.0 typing_inspection==0.4.5")
 
 
 def preflight(import_module=importlib.import_module, gpu: str | None = None) -> tuple[bool, str]:
@@ -261,7 +263,10 @@ def merge(out: Path) -> dict:
                             "batch": run["batch_size"], "median_ms": run["latency_ms"]["median"],
                             "speedup_vs_diffusers_fp32": run["speedup_vs_baseline"], "speedup_vs": half,
                             "stage_fraction_of_matmul_peak": run["stage_fraction_of_matmul_peak"]})
-    document = {"suite": "benchmarks/gpu_suite.sh", "written": now(), "summary": summary, "parts": parts}
+    curve_path = out / "step_curve.json"  # the curve phase's document (benchmarks/gpu_step_curve.py)
+    curve = json.loads(curve_path.read_text()) if curve_path.is_file() else None
+    document = {"suite": "benchmarks/gpu_suite.sh", "written": now(), "summary": summary, "parts": parts,
+                "step_curve": curve}
     write_json(out / "results.json", document)
 
     def ratio(value: float | None) -> str:
@@ -276,6 +281,13 @@ def merge(out: Path) -> dict:
         peak = ", ".join(f"{k} {v:.3f}" for k, v in fractions if v is not None)
         lines.append(f"| {r['part']} ({r['status']}) | {r['model']} | {r['backend']} | {r['batch']} | "
                      f"{r['median_ms']:,.1f} | {ratio(r['speedup_vs_diffusers_fp32'])} | {half} | {peak} |")
+    if curve is not None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("gpu_step_curve", Path(__file__).with_name("gpu_step_curve.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        lines += ["", *("#" + x if x.startswith("#") else x for x in module.markdown(curve).splitlines())]
     for part, doc in parts.items():  # each part's own report, its headings one level down
         lines += ["", f"# Part `{part}`", ""]
         lines += ["#" + x if x.startswith("#") else x for x in markdown(doc).splitlines()]
@@ -321,7 +333,7 @@ def main(argv: list[str]) -> None:
     suite.Worker, suite.Results = FastWorker, FastResults  # the bench's run, with these runners
     t0 = time.perf_counter()
     try:
-        results = suite.run_suite(cfg, argv=FastResults.command.split(" "), progress=False)
+        results = suite.run_suite(cfg, argv=FastResults.command.split(" "), progress=False, keep_going=True)
     except UnclipError as exc:  # a runner failed (its message names it); what was measured is in --out
         sys.exit(f"gpu_fastpath: {exc}")
     for run in results.document()["runs"]:
@@ -334,6 +346,10 @@ def main(argv: list[str]) -> None:
               f" vs diffusers {args.dtype} {run[f'speedup_vs_diffusers_{args.dtype}'] or float('nan'):.2f}x"
               f" stages_ms {json.dumps(stages)} fraction_of_matmul_peak {json.dumps(fractions)}", flush=True)
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s", flush=True)
+    failed = {k: v["failed"] for k, v in results.runners.items() if v.get("failed")}
+    if failed:  # measured without them (keep_going); the phase still fails, naming each
+        sys.exit("gpu_fastpath: runners failed and were dropped: "
+                 + "; ".join(f"{k}: {v}" for k, v in failed.items()))
 
 
 if __name__ == "__main__":

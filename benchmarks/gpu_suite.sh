@@ -1,33 +1,37 @@
 #!/usr/bin/env bash
-# The GPU suite (issue 15 part B) in phases that each fit one device call, resumable across calls:
+# The GPU suite (issue 26) in phases that each fit one device call, resumable across calls:
 #
 #   bash benchmarks/gpu_suite.sh [--from DIR] [PHASE ...]
 #
-#   PHASE          what                                                       time cap   estimate (H100)
-#   tests          pytest -m gpu                                              360 s      ~190 s
-#   small          small preset, batch 1, 8 runners, 25/25/7 steps            270 s      ~150 s
-#   karlo-main     karlo, batch 1 and 8: diffusers fp32/fp16, ours fp16       450 s      ~180 s
-#                  eager and graphs+kernels (the acceptance numbers)
-#   karlo-kernels  karlo, batch 1 and 8: diffusers fp32, ours fp16 eager,     450 s      ~210 s
-#                  graphs, graphs with each kernel alone (is each worth it)
+#   PHASE          what                                                           time cap
+#   tests          pytest -m gpu over the files that hold gpu tests (xdist -n 8)  200 s
+#   curve          decoder per-step time against rows 1..16, small and karlo      90 s
+#                  (benchmarks/gpu_step_curve.py: the continuous-batching question)
+#   small          small preset, batch 1: diffusers fp32/half, ours half eager,   150 s
+#                  graphs, graphs+kernels (the 3x acceptance number)
+#   karlo-main     karlo, batch 1 and 8: diffusers fp32/half, ours half eager     240 s
+#                  and graphs+kernels (the 1.5x acceptance number)
+#   small-kernels  small, batch 1: ours half eager, graphs + each kernel alone,   150 s
+#                  channels-last (is each worth it)
+#   karlo-kernels  karlo, batch 1 and 8: ours half eager, graphs, graphs + each   300 s
+#                  kernel alone
 #
-# Estimates, not measured (docs/gpu.md has the arithmetic): FLOPs and kernel launches counted per
-# network call here, at assumed H100 rates and 20 us per eager launch, plus process starts, model
-# builds and Triton compilation. Phases run in the order given (default: all four) while the next
-# one's cap still fits this call's BUDGET (default 540 s of the device call's 600); otherwise the
-# script stops and names the command for the next call. Expected: 3 calls (tests + small, then
-# karlo-main, then karlo-kernels).
+# A lease is 15 minutes of device time in all (the machine's start counted), one command at most
+# 10: the first call runs what fits of the first four (BUDGET, default 540 s of the call's 600: a
+# phase starts only if its cap still fits), the script then names the command for the next call.
 #
 # Everything goes to $OUT (default unclip-out/gpu), at most 7 files: log.txt (all calls, appended),
-# phases.txt (one line per finished phase: name, exit status, seconds, dtype), parts/<phase>.json
-# (each benchmark phase's results.json), results.json + results.md (all parts merged, rewritten
-# after every phase). --from DIR first copies a previous call's files (what came back from its
-# $OUT) into $OUT and skips the phases DIR/phases.txt records as passed: a call resumes the last.
+# phases.txt (one line per finished phase: name, exit status, seconds, dtype), step_curve.json,
+# parts/<phase>.json (each benchmark phase's results.json), results.json + results.md (all parts
+# and the curve merged, rewritten after every phase). --from DIR first copies a previous call's files
+# (what came back from its $OUT) into $OUT and skips the phases DIR/phases.txt records as passed.
 #
 # On this project's device machine (no network there): the image has torch, triton, transformers,
-# onnx and onnxruntime but not diffusers, which travels as wheels in .whl (ignored by git):
+# onnx and onnxruntime but not diffusers or pydantic, which travel as wheels in .whl (git-ignored):
 #   here:  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#            --implementation cp --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==8.7.0
+#            --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#            -d .whl diffusers==0.42.1 importlib_metadata==8.7.0 pydantic==2.13.4 pydantic_core==2.46.4 \
+#            annotated_types==0.8.0 typing_inspection==0.4.5
 #   call 1: command="bash benchmarks/gpu_suite.sh", carry=[".whl"]
 #   call 2: copy call 1's files to .gpu-prev/ (ignored too), then
 #           command="bash benchmarks/gpu_suite.sh --from .gpu-prev", carry=[".whl", ".gpu-prev"]
@@ -40,7 +44,7 @@ BUDGET=${BUDGET:-540}
 D=${DTYPE:-fp16}
 FROM=""
 if [[ ${1:-} == --from ]]; then FROM=$2; shift 2; fi
-PHASES=${*:-tests small karlo-main karlo-kernels}
+PHASES=${*:-tests curve small karlo-main small-kernels karlo-kernels}
 mkdir -p "$OUT/parts"
 if [[ -n $FROM ]]; then
     [[ -d $FROM ]] || { echo "gpu_suite: --from $FROM is not a folder"; exit 2; }
@@ -60,7 +64,8 @@ python3 benchmarks/gpu_fastpath.py --preflight || exit 3
   git status --short | head -20; } 2>&1
 
 cap() {  # the time cap of a phase, seconds
-    case $1 in tests) echo 360 ;; small) echo 270 ;; karlo-main | karlo-kernels) echo 450 ;; *) echo 0 ;; esac
+    case $1 in tests) echo 200 ;; curve) echo 90 ;; small | small-kernels) echo 150 ;; karlo-main) echo 240 ;;
+        karlo-kernels) echo 300 ;; *) echo 0 ;; esac
 }
 bench() {  # phase, gpu_fastpath options...: its results.json becomes parts/<phase>.json
     local name=$1 tmp status
@@ -83,7 +88,7 @@ START=$SECONDS
 FAILED=0
 todo=()
 for p in $PHASES; do
-    [[ $(cap "$p") == 0 ]] && { echo "gpu_suite: unknown phase $p (tests small karlo-main karlo-kernels)"; exit 2; }
+    [[ $(cap "$p") == 0 ]] && { echo "gpu_suite: unknown phase $p (tests curve small karlo-main small-kernels karlo-kernels)"; exit 2; }
     grep -q "^$p exit=0 " "$OUT/phases.txt" && { echo "=== $p: passed in an earlier call, skipped"; continue; }
     todo+=("$p")
 done
@@ -97,15 +102,31 @@ for i in "${!todo[@]}"; do
     echo "=== $p: start $(date -u +%T), cap $(cap "$p") s"
     t0=$SECONDS
     case $p in
-    tests)
+    tests)  # only the files with gpu tests: the others import the serving stack, absent there
+        mapfile -t files < <(grep -l "mark.gpu" tests/test_*.py)
+        extra=()
+        python3 -c "import xdist" 2>/dev/null && extra+=(-n 8)  # Triton compiles on 8 cores
+        python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 150)
         timeout --signal=INT --kill-after=20 "$(cap tests)" \
-            python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests ;;
+            python3 -m pytest -m gpu -q -rs -p no:cacheprovider "${extra[@]}" "${files[@]}" ;;
+    curve)
+        tmp=$(mktemp -d)
+        timeout --signal=INT --kill-after=20 "$(cap curve)" python3 benchmarks/gpu_step_curve.py \
+            --models small,karlo --rows 1,2,4,8,16 --dtype "$D" --out "$tmp"
+        status=$?
+        [[ -f $tmp/step_curve.json ]] && cp "$tmp/step_curve.json" "$OUT/step_curve.json"
+        rm -rf "$tmp"
+        python3 benchmarks/gpu_fastpath.py --merge "$OUT"
+        (exit $status) ;;
     small)
-        bench small --model small --batch-sizes 1 --warmup 2 --repeat 10 --dtype "$D" --runners \
-"diffusers-$D,torch-$D,torch-$D-graphs,torch-$D-graphs-kernels,torch-$D-graphs-gn,torch-$D-graphs-step,torch-$D-graphs-cl" ;;
+        bench small --model small --batch-sizes 1 --warmup 1 --repeat 5 --dtype "$D" \
+            --runners "diffusers-$D,torch-$D,torch-$D-graphs,torch-$D-graphs-kernels" ;;
     karlo-main)
         bench karlo-main --model karlo --batch-sizes 1,8 --warmup 1 --repeat 3 --dtype "$D" \
             --runners "diffusers-$D,torch-$D,torch-$D-graphs-kernels" ;;
+    small-kernels)
+        bench small-kernels --model small --batch-sizes 1 --warmup 1 --repeat 5 --dtype "$D" \
+            --runners "torch-$D,torch-$D-graphs-gn,torch-$D-graphs-step,torch-$D-graphs-cl" ;;
     karlo-kernels)
         bench karlo-kernels --model karlo --batch-sizes 1,8 --warmup 1 --repeat 3 --dtype "$D" \
             --runners "torch-$D,torch-$D-graphs,torch-$D-graphs-gn,torch-$D-graphs-step" ;;

@@ -102,7 +102,7 @@ esac
 out=""; prev=""
 for a in "$@"; do [[ $prev == --out ]] && out=$a; prev=$a; done
 echo '{"status": "complete"}' >"$out/results.json"
-if [[ "$*" == *karlo* && "$*" == *fp16* ]]; then
+if [[ "$*" == *gpu_fastpath*karlo* && "$*" == *fp16* ]]; then
   echo "gpu_fastpath: the decoder stage produced non-finite values (precision fp16, batch 1)"
   exit 1
 fi
@@ -127,13 +127,15 @@ def test_gpu_suite_runs_phases_within_its_budget_and_resumes(tmp_path):
                               text=True, timeout=120, env={**env, "OUT": str(out), "BUDGET": str(budget)})
         return proc.returncode, proc.stdout
 
-    # caps: tests 360 s, small 270 s, karlo phases 450 s each; a budget of 400 s fits the first two
-    code, output = call(tmp_path / "call1", budget=400)
+    # caps: tests 200 s, curve 90 s, small 150 s, karlo-main 240 s: a budget of 230 s (phases that
+    # return at once) fits the first three
+    code, output = call(tmp_path / "call1", budget=230)
     assert code == 0, output
-    assert "=== next call: bash benchmarks/gpu_suite.sh --from <this call's files> karlo-main karlo-kernels" \
-        in output
+    assert ("=== next call: bash benchmarks/gpu_suite.sh --from <this call's files> karlo-main small-kernels "
+            "karlo-kernels") in output
     phases = (tmp_path / "call1" / "phases.txt").read_text().splitlines()
-    assert [line.split()[:2] for line in phases] == [["tests", "exit=0"], ["small", "exit=0"]]
+    assert [line.split()[:2] for line in phases] == [["tests", "exit=0"], ["curve", "exit=0"],
+                                                     ["small", "exit=0"]]
     assert sorted(p.name for p in (tmp_path / "call1" / "parts").iterdir()) == ["small.json"]
 
     previous = tmp_path / "came-back"  # what the device tool returns: read-only files
@@ -146,13 +148,15 @@ def test_gpu_suite_runs_phases_within_its_budget_and_resumes(tmp_path):
     assert "next call: DTYPE=bf16 bash benchmarks/gpu_suite.sh --from <this call's files> karlo-main" \
         in output
     phases = (tmp_path / "call2" / "phases.txt").read_text().splitlines()
-    assert [line.split()[:2] for line in phases] == [["tests", "exit=0"], ["small", "exit=0"],
-                                                     ["karlo-main", "exit=1"], ["karlo-kernels", "exit=1"]]
+    assert [line.split()[:2] for line in phases] == [["tests", "exit=0"], ["curve", "exit=0"], ["small", "exit=0"],
+                                                     ["karlo-main", "exit=1"], ["small-kernels", "exit=0"],
+                                                     ["karlo-kernels", "exit=1"]]
     log = (tmp_path / "call2" / "log.txt").read_text()
     assert log.count("=== gpu_suite ") == 2  # both calls' logs, in order
     calls = (tmp_path / "calls.txt").read_text().splitlines()
     assert sum("-m pytest -m gpu" in c for c in calls) == 1  # the tests ran once, in the first call
-    assert sum("--merge" in c for c in calls) == 3  # after every benchmark phase
+    assert sum("--merge" in c for c in calls) == 5  # after every benchmark phase and the curve
+    assert sum("gpu_step_curve.py" in c for c in calls) == 1
 
 
 def part_document(suite, model: str, medians: dict[str, float]) -> dict:

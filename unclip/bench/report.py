@@ -122,6 +122,10 @@ def markdown(doc: dict) -> str:
     lines += ["", "× baseline = baseline median / backend median at the same batch size (above 1: faster).",
               ""]
     lines += speed_and_accuracy(doc)
+    failed = {k: v["failed"] for k, v in doc["runners"].items() if v.get("failed")}
+    if failed:
+        lines += ["Runners that failed and were dropped: " + "; ".join(f"{k} ({v})" for k, v in failed.items())
+                  + ".", ""]
     if doc.get("runners_skipped"):
         lines += ["Runners not run: " + "; ".join(f"{k} ({v})" for k, v in doc["runners_skipped"].items())
                   + ".", ""]

@@ -99,8 +99,11 @@ def _count_flops(results: Results, baseline: Worker) -> None:
         results.flops.update({(n, r): f for n, r, f in counted})
 
 
-def run_suite(cfg: BenchConfig, argv: list[str], progress: bool = True) -> Results:
-    """Measure and write `cfg.out`/results.json, results.md (and plots); returns the results."""
+def run_suite(cfg: BenchConfig, argv: list[str], progress: bool = True, keep_going: bool = False) -> Results:
+    """Measure and write `cfg.out`/results.json, results.md (and plots); returns the results.
+
+    `keep_going`: a runner other than the baseline that fails is recorded (runners[name]["failed"])
+    and dropped, and the others go on (a GPU lease is too short to lose every runner to one)."""
     import unclip
     from unclip.bench.config import model_folder
     from unclip.bench.report import write_outputs
@@ -118,6 +121,21 @@ def run_suite(cfg: BenchConfig, argv: list[str], progress: bool = True) -> Resul
               "runners_skipped": cfg.skipped}
     results = Results(header, BASELINE, list(cfg.backends), list(cfg.batch_sizes))
     workers: dict[str, Worker] = {}
+    failed: dict[str, str] = {}
+
+    def call(name: str, cmd: str, **args) -> dict | None:
+        """The worker's reply; None where a runner failed and keep_going dropped it."""
+        if name in failed:
+            return None
+        try:
+            return workers[name].call(cmd, **args)
+        except UnclipError as exc:
+            if not keep_going or name == BASELINE:
+                raise
+            failed[name] = str(exc)
+            results.runners[name]["failed"] = str(exc)
+            log.warning("%s; the other runners go on", exc)
+            return None
     total = len(runners) * (1 + len(cfg.batch_sizes) * (cfg.warmup + cfg.repeat)) + (
         len(cfg.backends) if cfg.evaluate else 0)
     # this run's (empty) results replace any earlier run's at once: a Ctrl-C never leaves stale ones
@@ -143,13 +161,16 @@ def run_suite(cfg: BenchConfig, argv: list[str], progress: bool = True) -> Resul
                 spec.update(backend=specs[name].backend, dtype=specs[name].dtype)
             t0 = time.perf_counter()
             workers[name] = Worker(name, spec)
-            reply = workers[name].call("cold_start")
+            reply = call(name, "cold_start")
+            if reply is None:
+                bar.update()
+                continue
             cold = time.perf_counter() - t0  # process start (interpreter, imports) to first image
             first_images[name] = _image(reply)
             results.runners[name].update(reply, cold_start_s=cold,
                                          startup_s=cold - reply["load_s"] - reply["first_image_s"])
             bar.update()
-        for name in runners:
+        for name in first_images:
             diff = np.abs(first_images[name].astype(int) - first_images[BASELINE].astype(int))
             # uint8 levels; the mean tells a few amplified pixels (random weights, CFG) from a wrong image
             results.runners[name]["first_image_max_abs_diff_vs_baseline"] = int(diff.max())
@@ -158,29 +179,37 @@ def run_suite(cfg: BenchConfig, argv: list[str], progress: bool = True) -> Resul
         results.matmul_peak = workers[BASELINE].call("matmul_peak")
         for batch in cfg.batch_sizes:
             for name in runners:
-                workers[name].call("reset_peak")
+                call(name, "reset_peak")
             for i in range(cfg.warmup):
                 for name in runners:
                     bar.set_postfix_str(f"batch {batch} warm-up {i + 1}/{cfg.warmup} {name}")
-                    workers[name].call("run", batch=batch)
+                    call(name, "run", batch=batch)
                     bar.update()
             for i in range(cfg.repeat):
                 for name in runners:
                     bar.set_postfix_str(f"batch {batch} repeat {i + 1}/{cfg.repeat} {name}")
-                    sample = workers[name].call("run", batch=batch)
+                    sample = call(name, "run", batch=batch)
+                    if sample is None:
+                        bar.update()
+                        continue
                     sample["load_average_1min"] = _load_average()  # how busy the machine was
                     results.add(name, batch, sample)
                     bar.update()
-                    if i == 0 and name == runners[-1]:  # every call shape of this batch size is now known
-                        _count_flops(results, workers[BASELINE])
+                    write_outputs(results, cfg.out, plots=False)
+                if i == 0:  # every call shape of this batch size is now known
+                    _count_flops(results, workers[BASELINE])
                     write_outputs(results, cfg.out, plots=False)
             for name in runners:
-                results.memory[(name, batch)] = workers[name].call("memory")
+                memory = call(name, "memory")
+                if memory is not None:
+                    results.memory[(name, batch)] = memory
         if cfg.evaluate:  # one runner at a time, after the timed rounds: same prompts and seeds for each
             for name in cfg.backends:
                 bar.set_postfix_str(f"evaluating {name}")
                 t0 = time.perf_counter()
-                reply = workers[name].call("evaluate", model_folder=str(folder))
+                reply = call(name, "evaluate", model_folder=str(folder))
+                if reply is None:
+                    continue
                 results.runners[name]["accuracy"] = {**reply, "evaluation_s": time.perf_counter() - t0}
                 write_outputs(results, cfg.out, plots=False)
                 bar.update()

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,13 +63,25 @@ def runner_options(name: str) -> dict | None:
     """What a runner name asks for (the name is all a worker process is told); None: not ours."""
     base, _, rest = name.partition("-")
     dtype, *flags = rest.split("-")
-    if base not in ("diffusers", "torch") or dtype not in ("fp16", "bf16") or not set(flags) <= FLAGS:
+    if base not in ("diffusers", "torch") or dtype not in DTYPES or not set(flags) <= FLAGS:
         return None
     if base == "diffusers":
         return None if flags else {"diffusers_dtype": dtype}
     only = "group_norm_silu" if "gn" in flags else "guidance_step" if "step" in flags else None
     return dict(dtype=dtype, cuda_graphs="graphs" in flags, kernels="kernels" in flags, only=only,
                 channels_last="cl" in flags)
+
+
+def parse_runner(text: str, known_backends: tuple[str, ...]):
+    """unclip bench's runner parser, taught these runners' names: each runs the torch networks (no
+    export); the worker reads what it asks for from its name (runner_options)."""
+    from unclip.bench.runners import RunnerSpec
+    from unclip.bench.runners import parse_runner as parse_bench_runner
+
+    options = runner_options(text)
+    if options is None:
+        return parse_bench_runner(text, known_backends)
+    return RunnerSpec("torch", options.get("diffusers_dtype", options.get("dtype")))
 
 
 class TimedStageRunner:
@@ -155,6 +168,8 @@ class FastRunner(Runner):
     def cmd_matmul_peak(self) -> dict:
         """unclip bench's bf16 peak, and the fp16 one (the dtype these runners compute in)."""
         peak = matmul_peak_tflops(self.device)
+        if self.device.type != "cuda":
+            return peak
         n, iters = peak["n"], peak["iterations"]
         a = torch.randn(n, n, device=self.device, dtype=torch.float16)
         b = torch.randn(n, n, device=self.device, dtype=torch.float16)
@@ -296,7 +311,7 @@ def merge(out: Path) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    from unclip.bench.config import BenchConfig
+    from unclip.bench.config import BENCH_SETTINGS, KARLO_PROMPT, BenchConfig
 
     if argv[:1] == ["--preflight"]:
         ok, line = preflight(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
@@ -310,7 +325,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="karlo", help="preset or checkpoint folder")
     parser.add_argument("--batch-sizes", default="1,8")
-    parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
+    parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="fp32: CPU tests")
     parser.add_argument("--runners", default=None, help="runners above, comma-separated (default: all)")
     parser.add_argument("--prior-steps", type=int, default=25)
     parser.add_argument("--decoder-steps", type=int, default=25)
@@ -318,19 +333,23 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cuda", help="cuda; cpu runs the eager runners (the tests)")
     args = parser.parse_args(argv)
     runners = tuple(r for r in (args.runners or ",".join(RUNNERS).format(dtype=args.dtype)).split(",") if r)
     unknown = [r for r in runners if runner_options(r) is None]
-    if unknown or not torch.cuda.is_available():
+    if unknown or (args.device == "cuda" and not torch.cuda.is_available()):
         sys.exit(f"gpu_fastpath: unknown runners {unknown}" if unknown else "gpu_fastpath: needs a CUDA GPU")
-    cfg = BenchConfig(model=args.model, backends=runners, device="cuda",
+    cfg = BenchConfig(model=args.model, backends=runners, device=args.device,
                       batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
                       prior_steps=args.prior_steps, decoder_steps=args.decoder_steps,
                       super_res_steps=args.super_res_steps, warmup=args.warmup, repeat=args.repeat,
-                      out=args.out, plots=False)
+                      out=args.out, plots=False, prompt=KARLO_PROMPT, evaluate=False)
+    # unclip bench's guidance defaults (4 / 8) for what was not given (bench's check() is not run: it
+    # would refuse these runner names)
+    cfg = replace(cfg, **{**BENCH_SETTINGS, **{k: v for k, v in cfg.settings.items() if v is not None}})
     FastResults.command = shlex.join(["python", "benchmarks/gpu_fastpath.py", *argv])
     FastResults.dtype = args.dtype
-    suite.Worker, suite.Results = FastWorker, FastResults  # the bench's run, with these runners
+    suite.Worker, suite.Results, suite.parse_runner = FastWorker, FastResults, parse_runner  # these runners
     t0 = time.perf_counter()
     try:
         results = suite.run_suite(cfg, argv=FastResults.command.split(" "), progress=False, keep_going=True)

@@ -240,7 +240,8 @@ class FastResults(Results):
 REQUIRED = {name: None for name in ("torch", "triton", "transformers", "numpy", "PIL", "safetensors", "click",
                                     "tqdm", "onnx", "onnxruntime", "pytest")}
 REQUIRED.update(diffusers="diffusers==0.42.1", importlib_metadata="importlib_metadata==8.7.0",
-                pydantic="pydantic==2.13.4 pydantic_core==2.46.4 annotated_types==0.8.0 typing_inspection==0.4.5")
+                pydantic="pydantic==2.13.4 pydantic_core==2.46.4 annotated_types==0.8.0 "
+                         "typing_inspection==0.4.5")
 
 
 def preflight(import_module=importlib.import_module, gpu: str | None = None) -> tuple[bool, str]:
@@ -299,7 +300,8 @@ def merge(out: Path) -> dict:
     if curve is not None:
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("gpu_step_curve", Path(__file__).with_name("gpu_step_curve.py"))
+        path = Path(__file__).with_name("gpu_step_curve.py")
+        spec = importlib.util.spec_from_file_location("gpu_step_curve", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         lines += ["", *("#" + x if x.startswith("#") else x for x in module.markdown(curve).splitlines())]

@@ -88,7 +88,8 @@ def curve(model: str, rows: list[int], device: torch.device, dtype: str, timer: 
     spec = backend.specs["decoder"]
     generator = torch.Generator().manual_seed(0)
     one = {k: v.to(device) for k, v in example_inputs(spec, backend.dims, 1, generator).items()}
-    cast = {k: v.to(DTYPES[dtype]) if v.is_floating_point() and k != "timestep" else v for k, v in one.items()}
+    cast = {k: v.to(DTYPES[dtype]) if v.is_floating_point() and k != "timestep" else v
+            for k, v in one.items()}
     flops_per_row = count_flops(backend.networks["decoder"], [cast[n] for n in spec.input_names])
     out = []
     for r in rows:
@@ -102,7 +103,8 @@ def curve(model: str, rows: list[int], device: torch.device, dtype: str, timer: 
             del replay
         best = min(row.get("graph_ms", row["eager_ms"]), row["eager_ms"])
         row["tflops"] = row["gflop"] / best if best > 0 else None  # GFLOP/ms = TFLOP/s
-        row["fraction_of_matmul_peak"] = row["tflops"] / peak_tflops if row["tflops"] and peak_tflops else None
+        fraction = row["tflops"] / peak_tflops if row["tflops"] and peak_tflops else None
+        row["fraction_of_matmul_peak"] = fraction
         out.append(row)
         print(json.dumps(row), flush=True)
     for row in out:  # the serving question: what does a row cost next to a step of one row
@@ -133,7 +135,8 @@ def markdown(doc: dict) -> str:
 
     for r in doc["rows"]:
         first = r.get("graph_vs_rows_1", r.get("eager_vs_rows_1"))
-        lines.append(f"| {r['model']} | {r['dtype']} | {r['rows']} | {r['gflop']:,.1f} | {r['eager_ms']:.2f} | "
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['rows']} | {r['gflop']:,.1f} | "
+                     f"{r['eager_ms']:.2f} | "
                      f"{f(r.get('graph_ms'), '.2f')} | {f(first, '.2f')} | "
                      f"{f(r.get('graph_ms_per_row', r.get('eager_ms_per_row')), '.2f')} | "
                      f"{f(r['tflops'], '.1f')} | {f(r['fraction_of_matmul_peak'], '.3f')} |")

@@ -11,8 +11,8 @@
 #                  graphs, graphs+kernels (the 3x acceptance number)
 #   karlo-main     karlo, batch 1 and 8: diffusers fp32/half, ours half eager     300 s
 #                  and graphs+kernels (the 1.5x acceptance number)
-#   small-kernels  small, batch 1: ours half eager, graphs + each kernel alone,   150 s
-#                  channels-last (is each worth it)
+#   small-kernels  small, batch 1: ours half eager, graphs, graphs + each kernel   150 s
+#                  alone, channels-last (is each worth it)
 #   karlo-kernels  karlo, batch 1 and 8: ours half eager, graphs, graphs + each   300 s
 #                  kernel alone
 #
@@ -126,7 +126,7 @@ for i in "${!todo[@]}"; do
             --runners "diffusers-$D,torch-$D,torch-$D-graphs-kernels" ;;
     small-kernels)
         bench small-kernels --model small --batch-sizes 1 --warmup 1 --repeat 5 --dtype "$D" \
-            --runners "torch-$D,torch-$D-graphs-gn,torch-$D-graphs-step,torch-$D-graphs-cl" ;;
+            --runners "torch-$D,torch-$D-graphs,torch-$D-graphs-gn,torch-$D-graphs-step,torch-$D-graphs-cl" ;;
     karlo-kernels)
         bench karlo-kernels --model karlo --batch-sizes 1,8 --warmup 1 --repeat 3 --dtype "$D" \
             --runners "torch-$D,torch-$D-graphs,torch-$D-graphs-gn,torch-$D-graphs-step" ;;

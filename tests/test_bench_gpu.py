@@ -148,9 +148,9 @@ def test_gpu_suite_runs_phases_within_its_budget_and_resumes(tmp_path):
     assert "next call: DTYPE=bf16 bash benchmarks/gpu_suite.sh --from <this call's files> karlo-main" \
         in output
     phases = (tmp_path / "call2" / "phases.txt").read_text().splitlines()
-    assert [line.split()[:2] for line in phases] == [["tests", "exit=0"], ["curve", "exit=0"], ["small", "exit=0"],
-                                                     ["karlo-main", "exit=1"], ["small-kernels", "exit=0"],
-                                                     ["karlo-kernels", "exit=1"]]
+    assert [line.split()[:2] for line in phases] == [
+        ["tests", "exit=0"], ["curve", "exit=0"], ["small", "exit=0"], ["karlo-main", "exit=1"],
+        ["small-kernels", "exit=0"], ["karlo-kernels", "exit=1"]]
     log = (tmp_path / "call2" / "log.txt").read_text()
     assert log.count("=== gpu_suite ") == 2  # both calls' logs, in order
     calls = (tmp_path / "calls.txt").read_text().splitlines()
@@ -210,3 +210,25 @@ def test_merge_puts_every_part_in_one_results_json(tmp_path):
             "5.00x (diffusers_fp16) |") in report
     assert "# Part `small`" in report and "# Part `karlo-kernels`" in report
     assert "\n## unclip bench: `karlo` on cuda" in report  # each part's own report, a level down
+
+
+@pytest.mark.slow
+def test_gpu_fastpath_measures_on_cpu_and_keeps_going_past_a_failed_runner(tmp_path):
+    """gpu_fastpath.py end to end on CPU (eager runners, float32): its runner names pass the bench's
+    machinery, and a runner that fails (here: CUDA graphs on CPU) is dropped, named and fails the
+    phase while the others are measured (a GPU lease is too short to lose a whole phase to one)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_fastpath.py"), "--device", "cpu",
+                           "--model", "tiny", "--dtype", "fp32", "--batch-sizes", "1",
+                           "--runners", "diffusers-fp32,torch-fp32,torch-fp32-graphs", "--prior-steps", "2",
+                           "--decoder-steps", "2", "--super-res-steps", "2", "--warmup", "0", "--repeat", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "gpu_fastpath: runners failed and were dropped: torch-fp32-graphs:" in proc.stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["status"] == "complete"
+    assert [r["backend"] for r in doc["runs"]] == ["diffusers", "diffusers-fp32", "torch-fp32"]
+    assert all(r["speedup_vs_diffusers_fp32"] > 0 and r["repeats"] == 2 for r in doc["runs"])
+    assert "needs --device cuda" in doc["runners"]["torch-fp32-graphs"]["failed"]
+    assert doc["settings"]["prior_guidance"] == 4.0 and doc["settings"]["decoder_guidance"] == 8.0
+    assert "Runners that failed and were dropped: torch-fp32-graphs" in (out / "results.md").read_text()

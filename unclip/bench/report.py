@@ -124,8 +124,8 @@ def markdown(doc: dict) -> str:
     lines += speed_and_accuracy(doc)
     failed = {k: v["failed"] for k, v in doc["runners"].items() if v.get("failed")}
     if failed:
-        lines += ["Runners that failed and were dropped: " + "; ".join(f"{k} ({v})" for k, v in failed.items())
-                  + ".", ""]
+        dropped = "; ".join(f"{k} ({v})" for k, v in failed.items())
+        lines += [f"Runners that failed and were dropped: {dropped}.", ""]
     if doc.get("runners_skipped"):
         lines += ["Runners not run: " + "; ".join(f"{k} ({v})" for k, v in doc["runners_skipped"].items())
                   + ".", ""]

@@ -59,8 +59,6 @@ class Worker:
                               f"{self._log_tail()}")
         reply = json.loads(line)
         if "error" in reply:
-            import os
-            if os.environ.get("UNCLIP_DEBUG_TB"): print(reply.get("traceback"), file=sys.stderr)
             raise UnclipError(f"the {self.name} runner failed during {cmd}: {reply['error']}")
         return reply
 

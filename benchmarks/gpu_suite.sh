@@ -108,7 +108,7 @@ for i in "${!todo[@]}"; do
         python3 -c "import xdist" 2>/dev/null && extra+=(-n 8)  # Triton compiles on 8 cores
         python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 150)
         timeout --signal=INT --kill-after=20 "$(cap tests)" \
-            python3 -m pytest -m gpu -q -rs -p no:cacheprovider "${extra[@]}" "${files[@]}" ;;
+            python3 -m pytest -m gpu -q -rs -p no:cacheprovider -p no:benchmark "${extra[@]}" "${files[@]}" ;;
     curve)
         tmp=$(mktemp -d)
         timeout --signal=INT --kill-after=20 "$(cap curve)" python3 benchmarks/gpu_step_curve.py \

@@ -50,8 +50,11 @@ def tiny_folder(tmp_path_factory, tiny_components):
 
 
 def pytest_collection_modifyitems(config, items):
-    """gpu/tensorrt tests skip with a reason naming what is missing; nothing else skips."""
+    """gpu/tensorrt/cpu_bf16 tests skip with a reason naming what is missing; nothing else skips."""
+    from unclip.engine.precision import cpu_has_native_bf16
+
     has_cuda = torch.cuda.is_available()
+    has_bf16 = cpu_has_native_bf16()
     try:
         import tensorrt  # noqa: F401
 
@@ -64,5 +67,7 @@ def pytest_collection_modifyitems(config, items):
             missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
         if "tensorrt" in item.keywords and not has_trt:
             missing.append("TensorRT (import tensorrt failed)")
+        if "cpu_bf16" in item.keywords and not has_bf16:
+            missing.append("a CPU with native bf16 (AVX512-BF16 or AMX): torch reports none on this one")
         if missing:
             item.add_marker(pytest.mark.skip(reason="needs " + " and ".join(missing)))

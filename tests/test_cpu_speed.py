@@ -17,6 +17,7 @@ BF16_MEAN_LEVELS = 2.0
 BF16_SHARE_OFF = 0.15
 
 
+@pytest.mark.cpu_bf16
 def test_torch_bf16_on_cpu_is_bf16_channels_last_and_close_to_fp32():
     import unclip
 
@@ -36,6 +37,7 @@ def test_torch_bf16_on_cpu_is_bf16_channels_last_and_close_to_fp32():
     assert float((diff > 2).mean()) <= BF16_SHARE_OFF
 
 
+@pytest.mark.cpu_bf16
 def test_cli_bf16_on_cpu_writes_images(tmp_path):
     result = run_cli("generate", "a red circle on a blue background", "--dtype", "bf16", "--device", "cpu",
                      "--out", str(tmp_path / "out"), "--prior-steps", "2", "--decoder-steps", "2",
@@ -59,9 +61,11 @@ def test_bf16_refused_where_the_cpu_has_no_native_bf16(tmp_path, monkeypatch):
     (dict(dtype="bf16", cuda_graphs=True), "--cuda-graphs is the GPU fast path and needs --device cuda"),
     (dict(dtype="bf16", kernels=True), "--kernels is the GPU fast path and needs --device cuda"),
 ])
-def test_cpu_keeps_the_gpu_only_options_gpu_only(kwargs, message):
+def test_cpu_keeps_the_gpu_only_options_gpu_only(kwargs, message, monkeypatch):
     import unclip
+    from unclip.engine import precision
 
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # the GPU-only check, on any CPU
     with pytest.raises(UnclipError, match=message):
         unclip.load("tiny", **kwargs)
 

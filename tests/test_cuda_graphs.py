@@ -329,7 +329,9 @@ def test_gpu_suite_times_runner_stages_and_borrows_flops_from_eager_twin():
     spec.loader.exec_module(suite)
     assert suite.runner_options("torch-bf16-graphs-step") == dict(
         dtype="bf16", cuda_graphs=True, kernels=False, only="guidance_step", channels_last=False)
-    assert suite.runner_options("diffusers") is None and suite.runner_options("torch-fp32") is None
+    assert suite.runner_options("diffusers") is None and suite.runner_options("onnxruntime-fp32") is None
+    assert suite.runner_options("torch-fp32") == dict(  # the eager float32 runner (the CPU tests' one)
+        dtype="fp32", cuda_graphs=False, kernels=False, only=None, channels_last=False)
 
     results = suite.FastResults({"settings": {}}, "diffusers", ["torch-fp16", "torch-fp16-graphs"], [2])
     pipes = {"torch-fp16": make_pipeline(), "torch-fp16-graphs": make_pipeline(runner="uncaptured")}

@@ -44,6 +44,7 @@ def test_fp32_matches_torch_backend(tiny_onnx, tiny_pipeline, prompts, settings)
     assert float(np.abs(ours - reference).max()) <= FP32_TOLERANCE
 
 
+@pytest.mark.cpu_bf16
 @pytest.mark.parametrize("prompts,settings", CASES)
 def test_bf16_is_bf16_and_close_to_torch(tiny_onnx, tiny_pipeline, prompts, settings):
     import openvino
@@ -60,6 +61,7 @@ def test_bf16_is_bf16_and_close_to_torch(tiny_onnx, tiny_pipeline, prompts, sett
     assert float((diff > 2 / 255).mean()) <= BF16_SHARE_BOUND
 
 
+@pytest.mark.cpu_bf16
 def test_cli_generate_bf16_writes_images(tiny_onnx, tmp_path):
     out = tmp_path / "images"
     result = run_cli("generate", "a red circle", "--model", str(tiny_onnx), "--backend", "openvino",

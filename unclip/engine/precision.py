@@ -8,7 +8,7 @@
 * Attention through PyTorch's scaled-dot-product attention (diffusers' AttnProcessor2_0 /
   AttnAddedKVProcessor2_0; recent diffusers pick them already, `use_sdpa` makes it certain).
 * Channels-last memory format for the UNets on CPU (oneDNN's bf16 convolutions are NHWC-native;
-  measured in docs/cpu.md); off on GPU, where it has not been measured yet.
+  measured in docs/cpu.md); off on GPU, where it measured no faster (docs/gpu.md).
 * bf16 on CPU only where the CPU computes it natively (AVX512-BF16 or AMX); elsewhere torch
   emulates it, slower than fp32, and `unclip.load` refuses it.
 """

@@ -17,26 +17,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STATE_OPTIONS = ("timeout_s", "max_body_bytes", "max_upload_bytes", "key_digests", "receive_timeout_s",
+                 "limit_concurrency")
+SERVER_OPTIONS = ("receive_timeout_s", "keep_alive_s", "max_header_bytes", "limit_concurrency")
+
+
 @contextmanager
 def running_server(pipeline, *, model: str = "tiny", warmup: bool = False, **engine_options) -> Iterator:
-    """Yields (base_url, state); the engine's options (max_batch_images, ...) as keywords, plus
-    `timeout_s`, `max_body_bytes` and `max_upload_bytes` for the state."""
+    """Yields (base_url, state): the server `unclip serve` runs (its uvicorn settings included).
+    The engine's options (max_batch_images, ...) as keywords, plus the state's (STATE_OPTIONS) and
+    the connection settings (SERVER_OPTIONS)."""
     import uvicorn
 
     from unclip.serve.api import ServeState
     from unclip.serve.engine import Engine
     from unclip.serve.metrics import Metrics
-    from unclip.serve.server import create_app
+    from unclip.serve.server import create_app, uvicorn_config
 
-    state_options = {k: engine_options.pop(k) for k in ("timeout_s", "max_body_bytes", "max_upload_bytes")
-                     if k in engine_options}
+    server_options = {k: engine_options[k] for k in SERVER_OPTIONS if k in engine_options}
+    state_options = {k: engine_options[k] for k in STATE_OPTIONS if k in engine_options}
+    for k in {*SERVER_OPTIONS, *STATE_OPTIONS}:
+        engine_options.pop(k, None)
     engine = Engine(pipeline, **{"max_batch_images": 8, "max_wait_ms": 10, "max_queue": 16,
                                  "metrics": Metrics(labels={"replica": "test-replica"}), **engine_options})
     state = ServeState(engine, model=model, image_size=pipeline.dims.super_res_size, replica="test-replica",
                        **state_options)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(state, warmup=warmup), host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn_config(create_app(state, warmup=warmup), "127.0.0.1", port,
+                                           log_level="warning", **server_options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     end = time.monotonic() + START_TIMEOUT

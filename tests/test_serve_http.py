@@ -162,12 +162,19 @@ class FailOn:
         return self._pipeline.generate_requests(requests, **kw)
 
 
-def test_a_failed_batch_is_a_500_envelope_and_the_server_keeps_serving(tiny_pipeline):
+def test_a_failed_batch_is_a_500_envelope_and_the_server_keeps_serving(tiny_pipeline, caplog):
+    """The client gets a generic message with its request id; the cause (here: non-finite output,
+    with the precision) goes to the server's log under that id, never to the client."""
     with running_server(FailOn(tiny_pipeline, "poison")) as (url, _):
         bad = httpx.post(url + GEN, json={"prompt": "poison", **FAST_STEPS}, timeout=WAIT)
         good = httpx.post(url + GEN, json={"prompt": "fine", **FAST_STEPS}, timeout=WAIT)
     assert bad.status_code == 500 and bad.json()["error"]["code"] == "generation_failed"
-    assert "non-finite" in bad.json()["error"]["message"] and "Traceback" not in bad.text
+    request_id = bad.headers["x-request-id"]
+    message = bad.json()["error"]["message"]
+    assert f"request id {request_id}" in message
+    assert "non-finite" not in message and "precision" not in message and "Traceback" not in bad.text
+    logged = [r.getMessage() for r in caplog.records if request_id in r.getMessage()]
+    assert any("non-finite" in line for line in logged), logged
     assert good.status_code == 200
 
 
@@ -245,7 +252,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path):
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "unclip.cli", "serve", "--model", "tiny",
-                             "--port", str(port), "--max-batch-images", "2", "--drain-s", "120"], env=env,
+                             "--port", str(port), "--max-batch-images", "2", "--drain-s", "120",
+                             "--max-steps", "300"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         end = time.monotonic() + WAIT

@@ -16,10 +16,9 @@ from unclip.engine.settings import (
 )
 from unclip.folders import check_output_folder
 from unclip.models import DEFAULT_MODEL, DEMO_FOLDER
+from unclip.options import MODEL_HELP, LoadOptions, click_options, from_cli  # noqa: F401 - MODEL_HELP: cli.py
 from unclip.output_images import earlier_images
 
-MODEL_HELP = ("demo (the trained model shipped in the package), a checkpoint folder (diffusers "
-              "UnCLIPPipeline layout) or a random-weight preset: tiny, small, karlo")
 LIMITS = Limits()  # the CLI runs with the default limits (docs/validation.md)
 SETTINGS = ("prior_steps", "decoder_steps", "super_res_steps", "prior_guidance", "decoder_guidance")
 
@@ -44,23 +43,8 @@ def _apply(options: list, f):
 
 
 def model_options(f):
-    """--model, --backend, --device, --dtype, --cuda-graphs, --kernels."""
-    return _apply([
-        click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP),
-        click.option("--backend", default="torch", show_default=True,
-                     help="torch, onnxruntime or openvino (then --model is a folder made by `unclip export "
-                          "onnx`), or tensorrt (--device cuda; the folder also has `unclip export tensorrt` "
-                          "engines)"),
-        click.option("--device", default="cpu", show_default=True, help="cpu or cuda"),
-        click.option("--dtype", default="fp32", show_default=True,
-                     help="fp32; fp16/bf16 with --backend torch on cuda; bf16 with --backend torch or "
-                          "openvino on a CPU with native bf16 (half networks, float32 scheduler; "
-                          "docs/cpu.md)"),
-        click.option("--cuda-graphs", is_flag=True,
-                     help="cuda: replay each stage's loop as one captured CUDA graph"),
-        click.option("--kernels", is_flag=True,
-                     help="cuda: fused Triton kernels (GroupNorm+SiLU, guidance step)"),
-    ], f)
+    """--model, --backend, --device, --dtype, --cuda-graphs, --kernels (unclip.options.LoadOptions)."""
+    return click_options(LoadOptions, "model", "backend", "device", "dtype", "cuda_graphs", "kernels")(f)
 
 
 def seed_option(f):
@@ -91,8 +75,7 @@ def out_option(f):
 
 
 def allow_pickle_option(f):
-    return click.option("--allow-pickle", is_flag=True,
-                        help="allow pickle (.bin) weights, which can run code")(f)
+    return click_options(LoadOptions, "allow_pickle")(f)
 
 
 def given_settings(options: dict, **fixed) -> dict:
@@ -107,9 +90,7 @@ def given_settings(options: dict, **fixed) -> dict:
 def load_pipeline(options: dict):
     import unclip
 
-    return unclip.load(options["model"], backend=options["backend"], device=options["device"],
-                       allow_pickle=options["allow_pickle"], dtype=options["dtype"],
-                       cuda_graphs=options["cuda_graphs"], kernels=options["kernels"])
+    return unclip.load(**from_cli(LoadOptions, options).load_kwargs())
 
 
 def run_metadata(s: GenerationSettings, seed: int, model: str, prior: bool = True) -> dict[str, str]:

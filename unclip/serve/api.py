@@ -5,7 +5,11 @@ route finds its engine and settings in `request.app.state.unclip` (a `ServeState
 routes only translate: JSON (generations) or a multipart form with an image file (variations)
 in, `Engine.generate` / `Engine.vary`, PNGs out, and every error as OpenAI's envelope
 `{"error": {"message", "type", "param", "code"}}` with a 4xx for anything the client can fix —
-never a traceback in a body.
+never a traceback in a body, and never the server's internals in a 5xx (a request id instead, the
+details in the server's log).
+
+Every images request takes its place in the engine's queue (or a 429) before its body is read, and
+its body must arrive within `receive_timeout_s` (else 408 and the connection closed).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -23,10 +28,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from unclip.errors import GenerationError, UnclipError
-from unclip.serve.engine import DeadlineExceeded, Engine, QueueFull, RequestCancelled, ShuttingDown
+from unclip.serve.engine import Admission, DeadlineExceeded, Engine, QueueFull, RequestCancelled, ShuttingDown
 from unclip.serve.envelope import ApiError, envelope
 
 router = APIRouter()
+log = logging.getLogger("unclip.serve")
 
 GENERATIONS = "/v1/images/generations"
 VARIATIONS = "/v1/images/variations"
@@ -39,14 +45,28 @@ class ServeState:
     """What the routes need besides the request; one per app (per replica)."""
 
     engine: Engine
-    model: str  # the name requests may give as `model`, and that PNGs record
+    model: str  # the served model name: requests may give it as `model`; health and PNGs show it
     image_size: int  # the side of the images the model makes
     replica: str  # this process's identity: a response header and a metric label
     timeout_s: float | None = None  # per-request deadline
     max_body_bytes: int = 65536
     max_upload_bytes: int = 4 * 2**20  # a variation's whole form; OpenAI takes images under 4 MB
+    key_digests: tuple[str, ...] = ()  # SHA-256 of the accepted API keys; none: no key needed
+    receive_timeout_s: float = 30.0  # a request's body must arrive within this (408)
+    limit_concurrency: int = 64  # HTTP requests in progress (health checks not counted; 503)
     ready: bool = False  # after the model is loaded and warmed up
     info: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_options(cls, engine: Engine, options, image_size: int, replica: str) -> ServeState:
+        """The state of a replica configured by unclip.options.ReplicaOptions."""
+        from unclip.options import digest, env_keys
+
+        return cls(engine, model=options.name(), image_size=image_size, replica=replica,
+                   timeout_s=options.timeout_s, max_body_bytes=options.max_body_bytes,
+                   max_upload_bytes=options.max_upload_bytes,
+                   key_digests=tuple(dict.fromkeys([*options.key_digests(), *map(digest, env_keys())])),
+                   receive_timeout_s=options.receive_timeout_s, limit_concurrency=options.limit_concurrency)
 
     @property
     def size(self) -> str:
@@ -87,9 +107,9 @@ class ImageVariationForm(_ImageFields):
     model_config = ConfigDict(extra="forbid")
 
 
-def engine_error(exc: UnclipError, state: ServeState) -> ApiError:
+def engine_error(exc: UnclipError, state: ServeState, request_id: str = "") -> ApiError:
     """The engine's errors as HTTP statuses: the client's mistake 400, busy 429, draining 503,
-    too slow 504, a failed generation 500."""
+    too slow 504, a failed generation 500 (its details logged under the request id, not sent)."""
     if isinstance(exc, QueueFull):
         return ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
                         headers={"Retry-After": str(exc.retry_after_s)})
@@ -101,42 +121,74 @@ def engine_error(exc: UnclipError, state: ServeState) -> ApiError:
     if isinstance(exc, RequestCancelled):  # nobody is listening; the status is for the log
         return ApiError(499, str(exc), type="invalid_request_error", code="client_closed_request")
     if isinstance(exc, GenerationError):
-        return ApiError(500, str(exc), type="server_error", code="generation_failed")
+        log.error("request %s: %s", request_id, exc)
+        return ApiError(500, f"the images could not be generated (request id {request_id}; the details are "
+                        "in the server's log); retry, and report the id if it persists", type="server_error",
+                        code="generation_failed")
     param = {"num_images": "n", "prompts": "prompt"}.get(exc.param, exc.param)
     return ApiError(400, str(exc), param=param, code="invalid_value")
 
 
-async def read_body(request: Request, limit: int, what: str) -> bytes:
-    """The body, refusing more than `limit` bytes before reading them all."""
+async def read_body(request: Request, limit: int, what: str, timeout_s: float | None = None) -> bytes:
+    """The body, refusing more than `limit` bytes before reading them all, and a body that has not
+    arrived within `timeout_s` (408; the connection is closed, as the rest of the body is unread)."""
     declared = request.headers.get("content-length")
     too_large = ApiError(413, f"the request body is larger than {limit} bytes; send {what}",
-                         code="body_too_large")
+                         code="body_too_large", headers={"Connection": "close"})
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s ({size} bytes came); "
+                       "send it at once", code="receive_timeout", headers={"Connection": "close"}) from None
     return b"".join(chunks)
 
 
-async def read_json(request: Request, limit: int) -> dict:
+JSON_TYPE = "application/json"
+
+
+def check_json_type(request: Request) -> None:
+    """JSON routes take only application/json: a web page cannot send it to a local server without
+    the browser's CORS preflight, which this server does not answer."""
+    given = request.headers.get("content-type", "")
+    if given.split(";")[0].strip().lower() != JSON_TYPE:
+        raise ApiError(415, f"send the body as {JSON_TYPE} (Content-Type: {JSON_TYPE}), got "
+                       f"{given[:60]!r}", code="invalid_content_type")
+
+
+async def read_json(request: Request, limit: int, timeout_s: float | None = None) -> dict:
     """The body as a JSON object, refusing more than `limit` bytes before reading them all."""
-    body = await read_body(request, limit, "a shorter prompt")
+    body = await read_body(request, limit, "a shorter prompt", timeout_s)
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc}); send a JSON object",
                        code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests too deeply to read; send a flat JSON object",
+                       code="invalid_json") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts (4300)
+        raise ApiError(400, f"the request body cannot be read as JSON ({str(exc)[:100]}); send a JSON "
+                       "object of ordinary values", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}",
                        code="invalid_json")
     return data
 
 
-async def read_variation_form(request: Request, limit: int) -> tuple[dict[str, str], bytes]:
+async def read_variation_form(request: Request, limit: int, timeout_s: float | None = None
+                              ) -> tuple[dict[str, str], bytes]:
     """(text fields, the image file's bytes) of a multipart/form-data body of at most `limit` bytes."""
     from starlette.datastructures import UploadFile
     from starlette.requests import Request as Body
@@ -144,7 +196,8 @@ async def read_variation_form(request: Request, limit: int) -> tuple[dict[str, s
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(415, "send multipart/form-data with the image as a file field `image` (as OpenAI's "
                        "images/variations takes it)", code="invalid_content_type")
-    body = await read_body(request, limit, f"a smaller image (the whole form at most {limit} bytes)")
+    body = await read_body(request, limit, f"a smaller image (the whole form at most {limit} bytes)",
+                           timeout_s)
 
     async def replay():  # the body read above, to Starlette's form parser
         return {"type": "http.request", "body": body, "more_body": False}
@@ -223,11 +276,12 @@ async def until_disconnected(request: Request) -> None:
 async def generations(request: Request) -> Response:
     state: ServeState = request.app.state.unclip
 
-    async def start():
-        body = parse_request(await read_json(request, state.max_body_bytes), state)
+    async def start(admission: Admission):
+        check_json_type(request)
+        body = parse_request(await read_json(request, state.max_body_bytes, state.receive_timeout_s), state)
         settings = {k: getattr(body, k) for k in TUNABLE if getattr(body, k) is not None}
         return body, state.engine.generate(body.prompt, n=body.n, seed=body.seed, timeout_s=state.timeout_s,
-                                           **settings)
+                                           admission=admission, **settings)
 
     return await serve_images(request, state, start, lambda body, s: {
         "prompt": body.prompt, "steps": f"prior {s.prior_steps}, decoder {s.decoder_steps}, super-res "
@@ -240,12 +294,13 @@ async def variations(request: Request) -> Response:
     """OpenAI's image variations: a multipart form with the image file, n, size, response_format."""
     state: ServeState = request.app.state.unclip
 
-    async def start():
-        fields, image = await read_variation_form(request, state.max_upload_bytes)
+    async def start(admission: Admission):
+        fields, image = await read_variation_form(request, state.max_upload_bytes, state.receive_timeout_s)
         body = parse_request(fields, state, ImageVariationForm)
         settings = {k: getattr(body, k) for k in ("decoder_steps", "super_res_steps", "decoder_guidance")
                     if getattr(body, k) is not None}
-        return body, state.engine.vary(image, n=body.n, seed=body.seed, timeout_s=state.timeout_s, **settings)
+        return body, state.engine.vary(image, n=body.n, seed=body.seed, timeout_s=state.timeout_s,
+                                       admission=admission, **settings)
 
     return await serve_images(request, state, start, lambda body, s: {
         "mode": "variation", "steps": f"decoder {s.decoder_steps}, super-res {s.super_res_steps}",
@@ -253,14 +308,21 @@ async def variations(request: Request) -> Response:
 
 
 async def serve_images(request: Request, state: ServeState, start, describe) -> Response:
-    """The part every images route shares: `start()` reads the request and returns (body, the engine's
-    coroutine); the job runs until done or the client leaves; PNGs come back with `describe(body,
-    settings)` and the run's seed and model as PNG text."""
+    """The part every images route shares: a place in the queue first (or 429), then `start(admission)`
+    reads the request and returns (body, the engine's coroutine); the job runs until done or the
+    client leaves; PNGs come back with `describe(body, settings)` and the run's seed and model as PNG
+    text."""
+    admission = None
+    request_id = getattr(request.state, "request_id", "")
     try:
         if not state.engine.accepting:
             raise ApiError(503, "the server is shutting down and takes no new requests; retry on another "
                            "replica", type="server_error", code="shutting_down", headers={"Retry-After": "1"})
-        body, coroutine = await start()
+        try:
+            admission = state.engine.admit()
+            body, coroutine = await start(admission)
+        except UnclipError as exc:
+            raise engine_error(exc, state, request_id) from None
         job = asyncio.ensure_future(coroutine)
         left = asyncio.ensure_future(until_disconnected(request))
         await asyncio.wait({job, left}, return_when=asyncio.FIRST_COMPLETED)
@@ -272,10 +334,13 @@ async def serve_images(request: Request, state: ServeState, start, describe) -> 
         try:
             result = job.result()
         except UnclipError as exc:
-            raise engine_error(exc, state) from None
+            raise engine_error(exc, state, request_id) from None
     except ApiError as error:
         request.state.log = {**getattr(request.state, "log", {}), "error": error.code}
         return envelope(error)
+    finally:
+        if admission is not None:
+            admission.release()  # a no-op once the request was queued with it
     meta = {**describe(body, result.settings), "seed": str(result.seed), "model": state.model,
             "software": "unclip"}
     from starlette.concurrency import run_in_threadpool
@@ -298,11 +363,19 @@ async def live() -> JSONResponse:
 
 @router.get("/health/ready")
 async def ready(request: Request) -> JSONResponse:
+    """200 only when this replica can serve: loaded, warmed up, not draining, and its engine healthy
+    (batches succeed, steps progress); a failing engine is probed in the background to recover."""
     state: ServeState = request.app.state.unclip
-    if state.ready and state.engine.accepting:
+    problem = state.engine.health() if state.ready else None
+    if state.ready and state.engine.accepting and problem is None:
         return JSONResponse({"status": "ready", "model": state.model, "replica": state.replica})
-    status = "draining" if state.ready else "loading"
-    return envelope(ApiError(503, f"not ready: {status}", type="server_error", code=status,
+    if problem == "failing":
+        state.engine.probe()
+    status = problem or ("draining" if state.ready else "loading")
+    detail = {"failing": f"the last {state.engine.unhealthy_after_failures} batches failed",
+              "stalled": f"no denoising step for over {state.engine.stall_s:g} s while requests wait",
+              "stopped": "the engine's scheduler has stopped"}.get(status, status)
+    return envelope(ApiError(503, f"not ready: {detail}", type="server_error", code=status,
                              headers={"Retry-After": "1"}))
 
 

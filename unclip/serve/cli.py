@@ -1,4 +1,6 @@
-"""`unclip serve`: load a model once, warm it up, and serve it over HTTP (docs/serving.md)."""
+"""`unclip serve`: load a model once, warm it up, and serve it over HTTP (docs/serving.md).
+
+Its options are unclip.options.ServeOptions, declared once with the Ray app's and generate's."""
 
 from __future__ import annotations
 
@@ -10,87 +12,84 @@ import sys
 import click
 
 from unclip.errors import UnclipError
-from unclip.models import DEFAULT_MODEL
+from unclip.options import ServeOptions, click_options, from_cli
 
 # Behind Ray's proxy a wave of requests reaches the replica spread over more than 10 ms: 8 closed-
 # loop clients made batches of 4, not 8, and 0.84x the plain server's images/s (measured, demo, CPU)
 RAY_MAX_WAIT_MS = 50.0
+MAX_WAIT_MS = 10.0
+
+
+FIRST = ("model", "backend", "device", "dtype", "cuda_graphs", "kernels", "allow_pickle", "served_model_name",
+         "host", "port", "api_key", "api_key_file", "allow_unauthenticated", "metrics_port")  # then the rest
 
 
 @click.command()
-@click.option("--model", default=DEFAULT_MODEL, show_default=True,
-              help="demo, a checkpoint folder, an export folder (with --backend onnxruntime) or a preset")
-@click.option("--backend", default="torch", show_default=True, help="torch, onnxruntime or tensorrt")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
-@click.option("--dtype", default="fp32", show_default=True, help="fp32, or fp16/bf16 (torch backend)")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="address to listen on (0.0.0.0 exposes the server to the network)")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--max-batch-images", type=click.IntRange(1), default=8, show_default=True,
-              help="images per batch (compatible requests are merged up to this)")
-@click.option("--max-wait-ms", type=click.FloatRange(0), default=None,
-              help="how long the oldest queued request waits for others to fill its batch  "
-              "[default: 10; with --ray 50, as requests reach a replica through Ray's proxy spread out]")
-@click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
-              help="queued requests beyond this get 429 with Retry-After")
-@click.option("--timeout-s", type=click.FloatRange(0, min_open=True), default=None,
-              help="per-request deadline; past it the request leaves its batch and gets 504  [default: none]")
-@click.option("--drain-s", type=click.FloatRange(0), default=30.0, show_default=True,
-              help="on SIGTERM, how long queued and running requests may finish before the server exits")
-@click.option("--max-body-bytes", type=click.IntRange(256), default=65536, show_default=True)
-@click.option("--replica", default=None, help="this server's name in headers, logs and metrics "
-              "[default: HOST-PID; with --ray, Ray's replica id]")
-@click.option("--ray", "use_ray", is_flag=True,
-              help="serve through Ray Serve on a local Ray instance: replicas behind one endpoint, each "
-              "with its own engine (docs/ray.md); --max-queue is then the requests waiting for a replica")
-@click.option("--replicas", type=click.IntRange(1), default=None, help="with --ray: replicas  [default: 1]")
-@click.option("--max-ongoing-requests", type=click.IntRange(1), default=None,
-              help="with --ray: requests one replica holds at once  [default: 2 x --max-batch-images]")
-def serve(model: str, backend: str, device: str, dtype: str, host: str, port: int, max_batch_images: int,
-          max_wait_ms: float | None, max_queue: int, timeout_s: float | None, drain_s: float,
-          max_body_bytes: int,
-          replica: str | None, use_ray: bool, replicas: int | None, max_ongoing_requests: int | None) -> None:
-    """Serve a model over HTTP: OpenAI's POST /v1/images/generations, /health/live, /health/ready,
-    /metrics. One JSON log line per request on stderr."""
-    try:
-        import fastapi  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        raise UnclipError(f"unclip serve needs the serve extra ({exc.name} is missing): "
-                          "pip install 'unclip[serve]'") from None
-    if use_ray:
-        if replica is not None:
-            raise UnclipError("--replica is Ray's replica id under --ray; leave it out")
-        return _serve_on_ray(model, backend, device, dtype, host, port, max_batch_images,
-                             RAY_MAX_WAIT_MS if max_wait_ms is None else max_wait_ms,
-                             max_queue, timeout_s, drain_s, max_body_bytes, replicas or 1,
-                             max_ongoing_requests or 2 * max_batch_images)
-    if replicas is not None or max_ongoing_requests is not None:
-        raise UnclipError("--replicas and --max-ongoing-requests are Ray Serve settings; add --ray")
-    max_wait_ms = 10.0 if max_wait_ms is None else max_wait_ms
+@click_options(ServeOptions, *FIRST, *(f for f in ServeOptions.model_fields if f not in FIRST))
+def serve(**values) -> None:
+    """Serve a model over HTTP with OpenAI's images API: POST /v1/images/generations (JSON) and
+    POST /v1/images/variations (a multipart form with the image), GET /health/live, /health/ready
+    and /metrics. One JSON log line per request on stderr. Limits, keys and timeouts:
+    docs/serving.md; what to put in front of it: docs/security.md."""
+    options = from_cli(ServeOptions, values).check()
+    check_serve_dependencies()
+    if options.ray:
+        return _serve_on_ray(options)
     import unclip
     from unclip.serve.api import ServeState
-    from unclip.serve.engine import Engine
     from unclip.serve.metrics import Metrics
     from unclip.serve.server import run_server
 
-    replica = replica or f"{socket.gethostname()}-{os.getpid()}"
-    # loaded on the engine's scheduler thread, the one that computes (Engine.__init__ says why)
-    engine = Engine(lambda: unclip.load(model, backend=backend, device=device, dtype=dtype),
-                    max_batch_images=max_batch_images, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                    metrics=Metrics(labels={"replica": replica}))
+    replica = options.replica or f"{socket.gethostname()}-{os.getpid()}"
+    engine = engine_for(options, lambda: unclip.load(**options.load_kwargs(), limits=limits_for(options)),
+                        Metrics(labels={"replica": replica}), MAX_WAIT_MS)
     pipe = engine.wait_loaded()
-    state = ServeState(engine, model=str(model), image_size=pipe.dims.super_res_size, replica=replica,
-                       timeout_s=timeout_s, max_body_bytes=max_body_bytes)
+    state = ServeState.from_options(engine, options.replica_options(), pipe.dims.super_res_size, replica)
     log_to_stderr()
-    click.echo(f"unclip: serving {model} on http://{host}:{port} (replica {replica})", err=True)
-    run_server(state, host, port, drain_s)
+    keys = ("API key required" if state.key_digests
+            else "no API key (loopback only, or --allow-unauthenticated)")
+    click.echo(f"unclip: serving {state.model} on http://{options.host}:{options.port} (replica {replica}; "
+               f"{keys})", err=True)
+    run_server(state, options)
 
 
-def _serve_on_ray(model: str, backend: str, device: str, dtype: str, host: str, port: int,
-                  max_batch_images: int, max_wait_ms: float, max_queue: int, timeout_s: float | None,
-                  drain_s: float, max_body_bytes: int, replicas: int, max_ongoing_requests: int) -> None:
+def limits_for(options):
+    """The caps a replica puts on one request (unclip.Limits, checked by the pipeline: a 400 naming
+    the field)."""
+    from unclip.engine.settings import Limits
+
+    return Limits(max_images=options.max_images_per_request, max_steps=options.max_steps,
+                  max_guidance=options.max_guidance, max_image_pixels=options.max_image_pixels)
+
+
+def engine_for(options, loader, metrics, default_wait_ms: float):
+    """The replica's engine; the model loaded on its scheduler thread, the one that computes
+    (Engine.__init__ says why)."""
+    from unclip.serve.engine import Engine
+
+    return Engine(loader, max_batch_images=options.max_batch_images,
+                  max_wait_ms=default_wait_ms if options.max_wait_ms is None else options.max_wait_ms,
+                  max_queue=options.max_queue, metrics=metrics, decode_workers=options.decode_workers,
+                  unhealthy_after_failures=options.unhealthy_after_failures, stall_s=options.stall_s)
+
+
+def check_serve_dependencies() -> None:
+    """What the routes need, checked at start: a missing one is the operator's to fix, not a 4xx for
+    every client later (python-multipart: the variations route's forms)."""
+    missing = []
+    for module, package in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("prometheus_client",
+                                                                             "prometheus-client"),
+                            ("multipart", "python-multipart")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise UnclipError(f"unclip serve needs the serve extra ({', '.join(missing)} missing): "
+                          "pip install 'unclip[serve]'")
+
+
+def _serve_on_ray(options: ServeOptions) -> None:
     from unclip.serve.ray_proxy import CALLBACK
 
     # read by Ray when it is first imported, here and in the processes it starts
@@ -103,17 +102,18 @@ def _serve_on_ray(model: str, backend: str, device: str, dtype: str, host: str, 
                           "pip install 'unclip[ray]'") from None
     from unclip.models import resolve_model_path
     from unclip.models.presets import PRESETS
-    from unclip.serve.ray_app import UnclipArgs, run_local
+    from unclip.serve.ray_app import run_local
 
-    if model not in PRESETS and "{gpu}" not in model:
-        resolve_model_path(model)  # the replicas load it here: a wrong path fails before Ray starts
+    if options.model not in PRESETS and "{gpu}" not in options.model:
+        resolve_model_path(options.model)  # the replicas load it here: a wrong path fails before Ray starts
+    max_ongoing = options.max_ongoing_requests or 2 * options.max_batch_images
     # the engine holds every request Ray lets through to its replica; Ray queues the rest
-    args = UnclipArgs(model=model, backend=backend, device=device, dtype=dtype,
-                      max_batch_images=max_batch_images, max_wait_ms=max_wait_ms,
-                      max_queue=max_ongoing_requests, timeout_s=timeout_s, max_body_bytes=max_body_bytes)
+    args = options.replica_options(max_queue=max_ongoing, max_wait_ms=RAY_MAX_WAIT_MS
+                                   if options.max_wait_ms is None else options.max_wait_ms)
     log_to_stderr()
-    run_local(args, host=host, port=port, replicas=replicas, max_ongoing_requests=max_ongoing_requests,
-              max_queued_requests=max_queue, drain_s=drain_s)
+    run_local(args, host=options.host, port=options.port, replicas=options.replicas or 1,
+              max_ongoing_requests=max_ongoing, max_queued_requests=options.max_queue,
+              drain_s=options.drain_s)
 
 
 def log_to_stderr() -> None:

@@ -3,8 +3,11 @@
 Services embed this (sync or asyncio); the HTTP app and the Ray Serve deployment are thin front
 ends over it. The engine owns everything about requests in flight:
 
-* **Queue**: bounded (`max_queue`); a full queue refuses at once (`QueueFull`, with a retry
-  hint), never blocks the caller.
+* **Queue and admission**: bounded (`max_queue`); a full queue refuses at once (`QueueFull`,
+  with a retry hint), never blocks the caller. A front end takes a place (`admit()`) before it
+  reads or decodes anything (an upload holds its place while it is read and decoded), so a flood
+  against a full queue costs a refusal each, not a decode each. Uploads are decoded on a small
+  bounded pool (`decode_workers` threads).
 * **Batching**: the scheduler takes the oldest request and every queued request compatible with
   it (same steps, guidance, prior, and the same kind, text or variation: `Request.batch_key`), in
   arrival order, up to
@@ -18,6 +21,9 @@ ends over it. The engine owns everything about requests in flight:
   running, leaves its batch before the next denoising step.
 * **Drain**: `shutdown(drain_s)` refuses new requests and lets queued and running ones finish
   for up to `drain_s` seconds, then cancels the rest.
+* **Health**: `health()` names what is wrong, for readiness: `unhealthy_after_failures` batches in
+  a row failed (until one succeeds: `probe()` runs one), or the engine has work and has finished no
+  denoising step for `stall_s` seconds, or its scheduler thread is gone.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -110,17 +116,40 @@ class Job:
         return self.request.rows
 
 
+class Admission:
+    """A place in the engine's queue, taken before a request's body is read or decoded; it becomes
+    the request's queue entry when submitted with it, or is given back by `release()` (idempotent)."""
+
+    def __init__(self, engine: Engine):
+        self._engine, self.held = engine, True
+
+    def release(self) -> None:
+        with self._engine._cond:
+            if self.held:
+                self.held = False
+                self._engine._admitted -= 1
+                self._engine._cond.notify_all()
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class Engine:
     """Queue, batching, cancellation and metrics around one loaded Pipeline."""
 
     def __init__(self, pipeline: Pipeline | Callable[[], Pipeline], *, max_batch_images: int = 8,
-                 max_wait_ms: float = 10.0, max_queue: int = 64, metrics: Metrics | None = None):
+                 max_wait_ms: float = 10.0, max_queue: int = 64, metrics: Metrics | None = None,
+                 decode_workers: int = 2, unhealthy_after_failures: int = 3, stall_s: float = 120.0):
         """`pipeline`: a loaded Pipeline, or a function that loads one, which the engine then calls on
         its scheduler thread (`wait_loaded()` waits for it). On a CPU, prefer the function: torch's
         OpenMP threads spin only for the first thread that computes, and a model loaded on one
         thread and run on another ran 2-2.4x slower (docs/serving.md, "CPU threads")."""
-        if max_batch_images < 1 or max_queue < 1 or max_wait_ms < 0:
-            raise UnclipError("max_batch_images and max_queue must be >= 1 and max_wait_ms >= 0")
+        if max_batch_images < 1 or max_queue < 1 or max_wait_ms < 0 or decode_workers < 1:
+            raise UnclipError("max_batch_images, max_queue and decode_workers must be >= 1 and "
+                              "max_wait_ms >= 0")
         self._loader = pipeline if callable(pipeline) else None
         self.pipeline = None if self._loader else pipeline
         self._loaded = threading.Event()
@@ -134,7 +163,13 @@ class Engine:
         self.steps: deque = deque(maxlen=4096)  # (monotonic time, stage, step, rows, job ids): recent steps
         self.dropped: deque = deque(maxlen=1024)  # (job id, cancelled_at, reason, where): recent drops
         self._queue: list[Job] = []
+        self._admitted = 0  # places taken by admit() and not yet queued or given back
         self._running: list[Job] = []
+        self._decode_pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="unclip-decode")
+        self.unhealthy_after_failures, self.stall_s = unhealthy_after_failures, stall_s
+        self._failures = 0  # batches failed in a row
+        self._progress_at = time.monotonic()  # the last step, batch end or idle wait of the scheduler
+        self._probe: Future | None = None
         self._cond = threading.Condition()
         self._accepting = True
         self._stopping = False
@@ -152,10 +187,20 @@ class Engine:
 
     # -- submitting -----------------------------------------------------------------------------
 
+    def admit(self) -> Admission:
+        """Take a place in the queue before reading or decoding a request (QueueFull, ShuttingDown);
+        pass it to submit/submit_variation as `admission`, or release it."""
+        self._check_loaded()
+        with self._cond:
+            self._check_room(counting_admitted=True)
+            self._admitted += 1
+        return Admission(self)
+
     def submit(self, prompt: str | list[str], *, n: int = 1, seed: int | None = None,
-               timeout_s: float | None = None, **settings) -> Job:
+               timeout_s: float | None = None, admission: Admission | None = None, **settings) -> Job:
         """Queue a request (`n` images per prompt; settings as Pipeline.generate). Bad input raises
-        UnclipError here; a full queue QueueFull; a draining engine ShuttingDown."""
+        UnclipError here; a full queue QueueFull; a draining engine ShuttingDown. With `admission`,
+        the request takes that place (no new QueueFull)."""
         self._check_loaded()
         limits = self.pipeline.limits  # the same limits as Pipeline.generate (engine.settings.Limits)
         prompts = check_prompts(prompt, limits)
@@ -163,20 +208,24 @@ class Engine:
         self.pipeline.check_prior(s)
         limits.check_images(len(prompts), s.num_images)
         seed = self._check(seed, timeout_s)
-        return self._enqueue(lambda generator: Request(prompts, s, generator), seed, timeout_s)
+        return self._enqueue(lambda generator: Request(prompts, s, generator), seed, timeout_s, admission)
 
     def submit_variation(self, image, *, n: int = 1, seed: int | None = None, timeout_s: float | None = None,
-                         **settings) -> Job:
+                         admission: Admission | None = None, **settings) -> Job:
         """Queue `n` variations of one image (encoded bytes, a path or a PIL image; settings as
-        Pipeline.vary). The image is decoded and preprocessed here, in the caller's thread; the image
-        encoder runs in the batch. Variations batch with variations only."""
+        Pipeline.vary). The image is decoded and preprocessed here, in the caller's thread (`vary`:
+        on the decode pool); the image encoder runs in the batch. Variations batch with variations
+        only. Without `admission`, a full queue is refused before the image is decoded."""
         self._check_loaded()
         s = self.pipeline.image_settings(num_images=n, **settings)
         self.pipeline.limits.check_images(1, s.num_images)
         seed = self._check(seed, timeout_s)
+        with self._cond:
+            self._check_room(counting_admitted=admission is None)
+        self.metrics(self.metrics.uploads_decoded).inc()
         pixels = preprocess(self.pipeline, [image], "a variation")
         return self._enqueue(lambda generator: Request([""], s, generator, pixel_values=pixels), seed,
-                             timeout_s)
+                             timeout_s, admission)
 
     def _check_loaded(self) -> None:
         if not self._loaded.is_set():
@@ -189,19 +238,31 @@ class Engine:
                               param="timeout")
         return secrets.randbelow(2**63) if seed is None else check_seed(seed)
 
-    def _enqueue(self, request_for, seed: int, timeout_s: float | None) -> Job:
+    def _check_room(self, counting_admitted: bool) -> None:
+        """Under the lock: ShuttingDown or QueueFull where a new request has no place."""
+        if not self._accepting:
+            raise ShuttingDown("the server is shutting down and takes no new requests; retry on another "
+                               "replica")
+        if len(self._queue) + (self._admitted if counting_admitted else 0) >= self.max_queue:
+            self.metrics(self.metrics.requests, status="rejected").inc()
+            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later",
+                            retry_after_s=self._retry_after())
+
+    def _enqueue(self, request_for, seed: int, timeout_s: float | None, admission: Admission | None = None
+                 ) -> Job:
         now = time.monotonic()
         job = Job(uuid.uuid4().hex, request_for(torch.Generator("cpu").manual_seed(seed)), seed, now,
                   None if timeout_s is None else now + timeout_s)
         job.request.cancelled = job.should_stop
         with self._cond:
-            if not self._accepting:
-                raise ShuttingDown("the server is shutting down and takes no new requests; retry on another "
-                                   "replica")
-            if len(self._queue) >= self.max_queue:
-                self.metrics(self.metrics.requests, status="rejected").inc()
-                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later",
-                                retry_after_s=self._retry_after())
+            if admission is not None and admission.held:  # its place becomes the job's
+                if not self._accepting:
+                    raise ShuttingDown("the server is shutting down and takes no new requests; retry on "
+                                       "another replica")
+                admission.held = False
+                self._admitted -= 1
+            else:
+                self._check_room(counting_admitted=True)
             self._queue.append(job)
             self.metrics(self.metrics.queue_depth).set(len(self._queue))
             self._cond.notify_all()
@@ -215,7 +276,7 @@ class Engine:
     async def vary(self, image, *, on_submit=None, **kwargs) -> Result:
         """`submit_variation` for asyncio, decoding the image in a worker thread (not the event loop)."""
         submitted = asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(self.submit_variation, image, **kwargs))
+            self._decode_pool, functools.partial(self.submit_variation, image, **kwargs))
         try:
             job = await asyncio.shield(submitted)
         except asyncio.CancelledError:  # the caller left while the image was decoded: cancel once queued
@@ -238,7 +299,8 @@ class Engine:
 
     def _retry_after(self) -> int:
         """Whole seconds until the queue has room, from the recent batch duration (HTTP Retry-After)."""
-        batches_ahead = math.ceil(len(self._queue) / self.max_batch_images) + (1 if self._running else 0)
+        waiting = len(self._queue) + self._admitted
+        batches_ahead = math.ceil(waiting / self.max_batch_images) + (1 if self._running else 0)
         return max(1, math.ceil(self._batch_seconds * batches_ahead))
 
     # -- state ----------------------------------------------------------------------------------
@@ -254,6 +316,37 @@ class Engine:
     @property
     def accepting(self) -> bool:
         return self._accepting
+
+    def health(self) -> str | None:
+        """None if healthy, else why not: "failing" (batches in a row failed), "stalled" (work, and no
+        step for stall_s), "stopped" (the scheduler thread is gone)."""
+        if not self._thread.is_alive():
+            return "stopped"
+        if self._failures >= self.unhealthy_after_failures:
+            return "failing"
+        busy = bool(self._queue or self._running)
+        if busy and time.monotonic() - self._progress_at > self.stall_s:
+            return "stalled"
+        return None
+
+    def probe(self) -> None:
+        """While failing, run one warm-up request in the background (at most one at a time): its
+        success ends the failing state even when no client sends requests to an unready replica."""
+        with self._cond:
+            if self._probe is not None and not self._probe.done():
+                return
+            self._probe = Future()
+        probe = self._probe
+
+        def run() -> None:
+            try:
+                self.warmup()
+            except Exception:  # noqa: BLE001 - its failure is counted like any batch's
+                pass
+            finally:
+                probe.set_result(None)
+
+        threading.Thread(target=run, name="unclip-probe", daemon=True).start()
 
     def warmup(self, **settings) -> Result:
         """One request through the whole path (allocations, kernel choices, CUDA graphs), so that
@@ -278,6 +371,7 @@ class Engine:
                 job.cancel()
             self._cond.notify_all()
         self._thread.join(timeout=60)
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the scheduler thread -------------------------------------------------------------------
 
@@ -304,7 +398,8 @@ class Engine:
             if self._stopping and not self._queue:
                 return None
             if not self._queue:
-                self._cond.wait()
+                self._progress_at = time.monotonic()
+                self._cond.wait(timeout=max(1.0, self.stall_s / 4))  # wakes to mark itself alive
                 continue
             head = self._queue[0]
             batch = self._compatible(head)
@@ -362,7 +457,10 @@ class Engine:
         self.metrics(self.metrics.in_flight).set(len(batch))
         ids = [j.id for j in batch]
 
+        self._progress_at = start
+
         def on_step(stage: str, step: int, rows: int) -> None:
+            self._progress_at = time.monotonic()
             self.steps.append((time.monotonic(), stage, step, rows, ids))
             self.metrics(self.metrics.steps, stage=stage).inc()
             self.metrics(self.metrics.step_rows, stage=stage).inc(rows)
@@ -378,6 +476,8 @@ class Engine:
             outputs, error = [None] * len(batch), GenerationError(
                 f"generation failed inside the engine ({type(exc).__name__}: {first_line})")
         end = time.monotonic()
+        self._progress_at = end
+        self._failures = 0 if error is None else self._failures + 1
         recent = end - start
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * recent if self._batch_seconds else recent
         for job, out in zip(batch, outputs, strict=True):

@@ -35,6 +35,8 @@ class Metrics:
         self.queue_depth = make(Gauge, "unclip_queue_depth", "Requests waiting for a batch")
         self.in_flight = make(Gauge, "unclip_in_flight_requests", "Requests in the running batch")
         self.images = make(Counter, "unclip_images", "Images generated")
+        self.uploads_decoded = make(Counter, "unclip_uploads_decoded",
+                                    "Uploaded images decoded (each after its request was admitted)")
         self.cancellations = make(Counter, "unclip_cancellations",
                                   "Requests dropped before finishing, by reason (queued or running)",
                                   ("reason", "where"))

@@ -15,32 +15,20 @@ import os
 import signal
 import threading
 
-from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import Application
 
 from unclip.errors import UnclipError
+from unclip.options import ReplicaOptions
 
 log = logging.getLogger("unclip.serve")
 APP = "unclip"  # the application's name in Ray Serve (serve status, logs, metrics)
 
 
-class UnclipArgs(BaseModel):
-    """What a replica loads and how its engine batches: the `args:` of a Ray Serve config, with
-    the meaning of `unclip serve`'s options of the same names."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = "demo"
-    backend: str = "torch"
-    device: str = "cpu"
-    dtype: str = "fp32"
-    max_batch_images: int = 8
-    max_wait_ms: float = 50.0  # behind the proxy, a wave of requests arrives spread out (unclip serve --ray)
-    max_queue: int = 64
-    timeout_s: float | None = None
-    max_body_bytes: int = 65536
-    torch_threads: int | None = None  # default: OMP_NUM_THREADS, which Ray sets to the replica's CPUs
+# What a replica loads, how its engine batches, the caps and limits it enforces, its API-key
+# digests: the `args:` of a Ray Serve config, with the meaning of `unclip serve`'s options of the
+# same names (unclip.options, declared once for both). max_wait_ms left out: 50 ms behind the proxy.
+UnclipArgs = ReplicaOptions
 
 
 # Defaults for `serve run` without a config; deploy/ray/*.yaml set each of these per cluster.
@@ -60,28 +48,24 @@ class UnclipReplica:
 
         import unclip
         from unclip.serve.api import ServeState
-        from unclip.serve.cli import log_to_stderr
-        from unclip.serve.engine import Engine
+        from unclip.serve.cli import RAY_MAX_WAIT_MS, engine_for, limits_for, log_to_stderr
         from unclip.serve.metrics import Metrics
         from unclip.serve.server import warm_up
 
-        a = UnclipArgs.model_validate(args or {})
+        a = ReplicaOptions.model_validate(args or {})
         replica = serve.get_replica_context().replica_tag
         log_to_stderr()
         torch.set_num_threads(a.torch_threads or _omp_threads())
-        # loaded on the engine's scheduler thread, the one that computes (Engine.__init__ says why)
-        engine = Engine(lambda: unclip.load(model_for_this_gpu(a.model, a.device), backend=a.backend,
-                                            device=a.device, dtype=a.dtype),
-                        max_batch_images=a.max_batch_images, max_wait_ms=a.max_wait_ms,
-                        max_queue=a.max_queue, metrics=Metrics(labels={"replica": replica}))
+        load = {**a.load_kwargs(), "model": model_for_this_gpu(a.model, a.device)}
+        engine = engine_for(a, lambda: unclip.load(**load, limits=limits_for(a)),
+                            Metrics(labels={"replica": replica}), RAY_MAX_WAIT_MS)
         pipe = engine.wait_loaded()
-        self.state = ServeState(engine, model=a.model, image_size=pipe.dims.super_res_size, replica=replica,
-                                timeout_s=a.timeout_s, max_body_bytes=a.max_body_bytes)
+        self.state = ServeState.from_options(engine, a, pipe.dims.super_res_size, replica)
         # Ray routes to a replica once __init__ returns: warm up first, so no request waits on it
         # (a failure raises: Ray replaces a replica whose constructor fails)
         warm_up(self.state)
-        log.info("replica %s ready: model %s, pid %d, torch threads %d", replica, a.model, os.getpid(),
-                 torch.get_num_threads())
+        log.info("replica %s ready: model %s, pid %d, torch threads %d", replica, self.state.model,
+                 os.getpid(), torch.get_num_threads())
 
     def __serve_build_asgi_app__(self):
         from unclip.serve.server import create_app
@@ -121,10 +105,10 @@ def _omp_threads() -> int:
 def build_app(args: dict) -> Application:
     """The application a Ray Serve config imports (`import_path: unclip.serve.ray_app:build_app`);
     `args` are checked here, so that a misspelt one fails the deploy, not each replica."""
-    return UnclipReplica.bind(UnclipArgs.model_validate(args).model_dump())
+    return UnclipReplica.bind(ReplicaOptions.model_validate(args).model_dump(mode="json"))
 
 
-def run_local(args: UnclipArgs, *, host: str, port: int, replicas: int, max_ongoing_requests: int,
+def run_local(args: ReplicaOptions, *, host: str, port: int, replicas: int, max_ongoing_requests: int,
               max_queued_requests: int, drain_s: float) -> None:
     """`unclip serve --ray`: a local Ray instance, `replicas` replicas behind HOST:PORT, until
     SIGTERM or Ctrl-C; then each replica finishes what it holds (up to `drain_s`) and Ray stops.
@@ -139,7 +123,7 @@ def run_local(args: UnclipArgs, *, host: str, port: int, replicas: int, max_ongo
     app = UnclipReplica.options(num_replicas=replicas, ray_actor_options=actor,
                                 max_ongoing_requests=max_ongoing_requests,
                                 max_queued_requests=max_queued_requests,
-                                graceful_shutdown_timeout_s=drain_s).bind(args.model_dump())
+                                graceful_shutdown_timeout_s=drain_s).bind(args.model_dump(mode="json"))
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
              _node_ip_address="127.0.0.1")
     stop = threading.Event()  # set by SIGTERM or Ctrl-C, from here on (ray.init put in its own handler)

@@ -18,7 +18,7 @@ def free_port() -> int:
 
 
 STATE_OPTIONS = ("timeout_s", "max_body_bytes", "max_upload_bytes", "key_digests", "receive_timeout_s",
-                 "limit_concurrency")
+                 "limit_concurrency", "max_header_bytes")
 SERVER_OPTIONS = ("receive_timeout_s", "keep_alive_s", "max_header_bytes", "limit_concurrency")
 
 

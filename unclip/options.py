@@ -97,6 +97,8 @@ class ReplicaOptions(LoadOptions):
     receive_timeout_s: float = Field(30.0, gt=0, description=(
         "a request's headers, and then its body, must arrive within this; slower: 408 and the "
         "connection closed"))
+    max_header_bytes: int = Field(16384, ge=1024, description=(
+        "largest request line and headers; larger: 431 (400 while they are still arriving)"))
     limit_concurrency: int = Field(64, ge=1, description=(
         "HTTP requests in progress at once (health checks not counted); beyond: 503 with Retry-After"))
     decode_workers: int = Field(2, ge=1, le=64, description=(
@@ -139,7 +141,6 @@ class ServeOptions(ReplicaOptions):
         "serve /metrics without a key on this port of --host instead (for a scraper); without it, "
         "/metrics on the main port needs a key when keys are set"), json_schema_extra=cli(show_default=False))
     keep_alive_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after this")
-    max_header_bytes: int = Field(16384, ge=1024, description="largest request line and headers; larger: 400")
     drain_s: float = Field(30.0, ge=0, description=(
         "on SIGTERM, how long queued and running requests may finish before the server exits"))
     replica: str | None = Field(None, description=(

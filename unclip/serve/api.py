@@ -54,6 +54,7 @@ class ServeState:
     key_digests: tuple[str, ...] = ()  # SHA-256 of the accepted API keys; none: no key needed
     receive_timeout_s: float = 30.0  # a request's body must arrive within this (408)
     limit_concurrency: int = 64  # HTTP requests in progress (health checks not counted; 503)
+    max_header_bytes: int = 16384  # a request's line and headers (431)
     ready: bool = False  # after the model is loaded and warmed up
     info: dict = field(default_factory=dict)
 
@@ -66,7 +67,8 @@ class ServeState:
                    timeout_s=options.timeout_s, max_body_bytes=options.max_body_bytes,
                    max_upload_bytes=options.max_upload_bytes,
                    key_digests=tuple(dict.fromkeys([*options.key_digests(), *map(digest, env_keys())])),
-                   receive_timeout_s=options.receive_timeout_s, limit_concurrency=options.limit_concurrency)
+                   receive_timeout_s=options.receive_timeout_s, limit_concurrency=options.limit_concurrency,
+                   max_header_bytes=options.max_header_bytes)
 
     @property
     def size(self) -> str:

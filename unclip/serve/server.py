@@ -161,15 +161,26 @@ class ApiKeyAuth:
 
 
 class ConcurrencyLimit:
-    """ASGI middleware: at most `state.limit_concurrency` requests in progress (health checks are not
-    counted, so that liveness answers however busy the server is); beyond, 503 with Retry-After.
-    One event loop runs every request: a plain counter is enough."""
+    """ASGI middleware: a request line and headers of at most `state.max_header_bytes` (431; uvicorn's
+    h11 limit holds only while they are incomplete), and at most `state.limit_concurrency` requests
+    in progress (health checks are not counted, so that liveness answers however busy the server is);
+    beyond, 503 with Retry-After. One event loop runs every request: a plain counter is enough."""
 
     def __init__(self, app, state: ServeState):
         self.app, self.state, self.active = app, state, 0
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
+            len(k) + len(v) + 4 for k, v in scope["headers"])
+        if size > self.state.max_header_bytes:
+            scope.setdefault("state", {}).setdefault("log", {})["error"] = "headers_too_large"
+            error = ApiError(431, f"the request line and headers are {size} bytes, above this server's "
+                             f"limit of {self.state.max_header_bytes}; send fewer or shorter headers",
+                             code="headers_too_large", headers={"Connection": "close"})
+            return await envelope(error)(scope, receive, send)
+        if scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         if self.active >= self.state.limit_concurrency:
             scope.setdefault("state", {}).setdefault("log", {})["error"] = "concurrency_limit"

@@ -170,6 +170,7 @@ def test_settings_are_immutable_hashable_and_checked_on_construction():
     ([], "no prompt given"), ("", "prompt 1 is empty"), (["ok", "  "], "prompt 2 is empty"),
     (["ok", 3], "prompt 2 is a int"), (b"bytes", "prompts must be a text"), (None, "prompts must be a text"),
     ({"a": 1}, "prompts must be a text"),
+    ("a red \ud800 circle", "prompt 1 has an invalid character at position 6 (a lone surrogate"),
 ])
 def test_bad_prompts(tiny_pipeline, prompts, fragment):
     refused(lambda: tiny_pipeline.generate(prompts, **FAST_STEPS), fragment, param="prompts")

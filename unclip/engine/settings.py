@@ -153,6 +153,12 @@ def check_prompts(prompts: str | list[str], limits: Limits | None = None) -> lis
             raise UnclipError(f"prompt {i + 1} is {len(prompt)} characters, above the limit of "
                               f"{limits.max_prompt_chars} (Limits.max_prompt_chars; the text encoder reads "
                               "only its first 77 tokens, about 300 characters): shorten it", param="prompts")
+        try:  # a lone UTF-16 surrogate (JSON's "\ud800") is no text the tokenizer can read
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UnclipError(f"prompt {i + 1} has an invalid character at position {exc.start} (a lone "
+                              "surrogate, not Unicode text); send valid UTF-8 text",
+                              param="prompts") from None
     return list(prompts)
 
 

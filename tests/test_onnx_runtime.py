@@ -317,3 +317,33 @@ def test_sessions_do_not_spin(tiny_onnx):
         options = session.get_session_options()
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
         assert options.inter_op_num_threads == 1
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/hostname", "sub/../../outside.bin"])
+def test_weights_stored_outside_the_artifact_folder_are_refused(tiny_onnx, tmp_path, location):
+    """A crafted .onnx (its manifest hash updated to match) names a weight file outside the folder:
+    ONNX Runtime would read it as given; the artifact is refused before any session opens."""
+    import hashlib
+
+    import onnx
+
+    from unclip.engine.artifact import load_artifact
+    from unclip.errors import UnclipError
+
+    folder = copy_of(tiny_onnx, tmp_path / "artifact")
+    model = onnx.load(str(folder / "prior.onnx"))
+    weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    (tmp_path / "outside.bin").write_bytes(weight.raw_data)
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    weight.external_data.add(key="location", value=location)
+    onnx.save(model, str(folder / "prior.onnx"))
+    new_hash = hashlib.sha256((folder / "prior.onnx").read_bytes()).hexdigest()
+
+    def rehash(m: dict) -> None:  # the crafter rewrites every record of the file's hash
+        m["networks"]["prior"]["sha256"] = new_hash
+        m["files"]["prior.onnx"] = new_hash
+
+    _edit_manifest(folder, rehash)
+    with pytest.raises(UnclipError, match=r"prior\.onnx: weight .* is stored at .*, outside the artifact"):
+        load_artifact(folder)

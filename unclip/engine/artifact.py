@@ -149,6 +149,7 @@ def _check_graph(path: Path, spec: NetworkSpec, wanted: tuple[list, list], preci
         raise UnclipError(f"{path} cannot be read as ONNX ({str(exc)[:160] or type(exc).__name__}); "
                           f"{layout.REEXPORT_HINT}") from None
     weights = {init.name for init in graph.initializer}
+    _check_external_data(path, graph, onnx)
 
     def declared(values) -> list:
         out = []
@@ -168,6 +169,22 @@ def _check_graph(path: Path, spec: NetworkSpec, wanted: tuple[list, list], preci
     if half != (precision == "fp16"):
         raise UnclipError(f"{path} holds {'float16' if half else 'float32'} weights, but the manifest says "
                           f"precision {precision}; {layout.REEXPORT_HINT}")
+
+
+def _check_external_data(path: Path, graph, onnx) -> None:
+    """Every weight stored outside the .onnx file must be in the artifact's own folder: ONNX Runtime
+    reads an initializer's `location` as given, and a crafted file could name ../../etc/shadow or an
+    absolute path (read into weights, then into images or errors)."""
+    folder = path.parent.resolve()
+    for init in graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in init.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or target.parent != folder:
+            raise UnclipError(f"{path}: weight {init.name!r} is stored at {location!r}, outside the artifact "
+                              f"folder {folder}; an artifact keeps its weights next to its .onnx files "
+                              f"(an artifact from elsewhere may be crafted): {layout.REEXPORT_HINT}")
 
 
 def _schedulers(path: Path, dims: ModelDims) -> dict[str, SchedulerConfig]:

@@ -139,3 +139,29 @@ def test_a_request_the_server_refuses_stops_before_the_load(tiny_pipeline, tmp_p
     assert_one_line_error(result, "HTTP 400", "decoder_steps", "--settings")
     assert not (tmp_path / "out").exists()
     assert "unclip_images_total" in seen and 'status="ok"' not in seen  # no load was sent
+
+
+def test_loadtest_sends_the_api_key_and_paces_to_a_rate(tiny_pipeline, tmp_path, monkeypatch):
+    """Against a server with keys: every request and the /metrics scrape carry the key (from
+    $UNCLIP_API_KEY here), which the written command does not hold; --rate paces the clients."""
+    import json as _json
+
+    from unclip.options import digest
+
+    monkeypatch.setenv("UNCLIP_API_KEY", "sk-load")
+    with running_server(tiny_pipeline, key_digests=(digest("sk-load"),)) as (url, _):
+        result = run_cli("loadtest", "--url", url, "--concurrency", "2", "--duration", "2", "--rate", "4",
+                         "--no-plot", "--out", str(tmp_path / "out"), "--settings",
+                         '{"prior_steps": 2, "decoder_steps": 2, "super_res_steps": 2}')
+        monkeypatch.delenv("UNCLIP_API_KEY")
+        refused = run_cli("loadtest", "--url", url, "--duration", "1", "--no-plot",
+                          "--out", str(tmp_path / "no"))
+    assert result.exit_code == 0, result.output
+    doc = _json.loads((tmp_path / "out" / "results.json").read_text())
+    level = doc["levels"][0]
+    assert level["ok"] > 0 and level["failed"] == 0 and level["refused"] == 0
+    assert level["server"] is not None  # /metrics was read, with the key
+    assert "sk-load" not in (tmp_path / "out" / "results.json").read_text()
+    assert "--api-key '$UNCLIP_API_KEY'" in doc["command"] and doc["options"]["rate_per_s"] == 4
+    assert level["sent"] <= 2 * 4 + 2  # paced: about rate x duration, not as fast as answers come
+    assert_one_line_error(refused, "HTTP 401", "--api-key")

@@ -21,7 +21,7 @@ import sys
 import time
 
 import gevent
-from locust import FastHttpUser, constant, task  # patches the standard library with gevent
+from locust import FastHttpUser, constant, constant_throughput, task  # patches the stdlib with gevent
 from locust.env import Environment
 from locust.exception import StopUser
 
@@ -61,9 +61,12 @@ def run(spec: dict) -> None:
     counter, in_flight = itertools.count(), {"now": 0}
     prompts, n, pause = spec["prompts"], spec["n"], spec["refused_pause_s"]
 
+    rate = spec.get("rate")  # requests/s of all clients: each aims at its share (locust's pacing)
+    auth = {"Authorization": f"Bearer {spec['api_key']}"} if spec.get("api_key") else {}
+
     class Client(FastHttpUser):
         host = spec["url"]
-        wait_time = constant(0)
+        wait_time = constant_throughput(rate / spec["concurrency"]) if rate else constant(0)
         network_timeout = spec["request_timeout_s"]
         connection_timeout = 10.0
         max_retries = 0
@@ -79,7 +82,7 @@ def run(spec: dict) -> None:
                     "response_format": "b64_json", **spec["settings"]}
             start = time.monotonic()
             in_flight["now"] += 1
-            with self.client.post(GENERATIONS, json=body, catch_response=True) as response:
+            with self.client.post(GENERATIONS, json=body, headers=auth, catch_response=True) as response:
                 end = time.monotonic()
                 in_flight["now"] -= 1
                 status = response.status_code or 0  # 0: no HTTP answer (refused, reset, timed out)

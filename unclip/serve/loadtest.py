@@ -89,11 +89,14 @@ def check_url(url: str, allow_remote: bool) -> str:
 # -- talking to the server (standard library: the load itself comes from locust) ------------------
 
 
-def http(method: str, url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict, bytes]:
+def http(method: str, url: str, body: dict | None = None, timeout: float = 30, api_key: str | None = None
+         ) -> tuple[int, dict, bytes]:
     """(status, headers with lower-case names, body); status 0 if nothing answered."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
+    headers = {"Content-Type": "application/json"} if data else {}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, lower(response.headers), response.read()
@@ -122,28 +125,29 @@ def wait_ready(url: str, timeout_s: float) -> dict:
         time.sleep(0.5)
 
 
-def probe(url: str, body: dict, timeout_s: float) -> dict:
+def probe(url: str, body: dict, timeout_s: float, api_key: str | None = None) -> dict:
     """One request before the load: the server must accept what the clients will send."""
     start = time.monotonic()
-    status, headers, raw = http("POST", url + GENERATIONS, body, timeout=timeout_s)
+    status, headers, raw = http("POST", url + GENERATIONS, body, timeout=timeout_s, api_key=api_key)
     seconds = time.monotonic() - start
     if status != 200:
         try:
             message = json.loads(raw)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = raw.decode(errors="replace")[:200] if raw else "no answer"
-        raise UnclipError(f"the server refused the load test's request (HTTP {status}: {message}); "
-                          "fix --prompt, --n or --settings")
+        fix = ("give its key with --api-key (or $UNCLIP_API_KEY)" if status == 401
+               else "fix --prompt, --n or --settings")
+        raise UnclipError(f"the server refused the load test's request (HTTP {status}: {message}); {fix}")
     return {"latency_s": seconds, "batch_images": headers.get("x-unclip-batch-images")}
 
 
-def server_counters(url: str) -> dict | None:
+def server_counters(url: str, api_key: str | None = None) -> dict | None:
     """Totals from /metrics (summed over labels but `status`); None if it cannot be read."""
     try:
         from prometheus_client.parser import text_string_to_metric_families
     except ImportError:
         return None
-    status, _, raw = http("GET", url + "/metrics", timeout=10)
+    status, _, raw = http("GET", url + "/metrics", timeout=10, api_key=api_key)
     if status != 200:
         return None
     out: Counter = Counter()
@@ -271,19 +275,20 @@ def server_delta(before: dict | None, after: dict | None) -> dict | None:
 
 def run_loadtest(url: str, levels: list[int], duration_s: float, *, prompts: list[str], n: int,
                  settings: dict, grace_s: float, max_requests: int, refused_pause_s: float,
-                 request_timeout_s: float, ready_timeout_s: float, command: str) -> dict:
+                 request_timeout_s: float, ready_timeout_s: float, command: str, api_key: str | None = None,
+                 rate: float | None = None) -> dict:
     from unclip.bench.machine import host, versions
     from unclip.bench.results import now
 
     server = wait_ready(url, ready_timeout_s)
     first = {"prompt": prompts[0], "n": n, "seed": 0, "response_format": "b64_json", **settings}
-    probed = probe(url, first, request_timeout_s)
+    probed = probe(url, first, request_timeout_s, api_key)
     doc = {
         "schema_version": SCHEMA_VERSION, "tool": "unclip loadtest", "written": now(), "command": command,
         "url": url, "server": server, "machine": host(), "versions": {**versions(), **client_versions()},
         "request": {"prompts": prompts, "n": n, "settings": settings},
         "options": {"concurrency": levels, "duration_s": duration_s, "grace_s": grace_s,
-                    "max_requests": max_requests,
+                    "max_requests": max_requests, "rate_per_s": rate,
                     "refused_pause_s": refused_pause_s, "request_timeout_s": request_timeout_s},
         "probe": probed, "levels": [],
     }
@@ -291,12 +296,13 @@ def run_loadtest(url: str, levels: list[int], duration_s: float, *, prompts: lis
         spec = {"url": url, "concurrency": concurrency, "duration_s": duration_s, "grace_s": grace_s,
                 "max_requests": max_requests,
                 "prompts": prompts, "n": n, "settings": settings, "seed_base": 1_000_000 * (k + 1),
-                "refused_pause_s": refused_pause_s, "request_timeout_s": request_timeout_s}
-        load_before, counters_before = loadavg(), server_counters(url)
+                "refused_pause_s": refused_pause_s, "request_timeout_s": request_timeout_s,
+                "api_key": api_key, "rate": rate}
+        load_before, counters_before = loadavg(), server_counters(url, api_key)
         records, end = run_level(spec)
         level = summarize(records, end, concurrency, duration_s)
         level.update(loadavg_before=load_before, loadavg_after=loadavg(),
-                     server=server_delta(counters_before, server_counters(url)), records=records)
+                     server=server_delta(counters_before, server_counters(url, api_key)), records=records)
         doc["levels"].append(level)
         click.echo(level_line(level), err=True)
     doc["written"] = now()
@@ -356,11 +362,17 @@ def write_results(doc: dict, out: Path, plot: bool = True) -> None:
               show_default=True, help="a client gives up on a request after this long")
 @click.option("--ready-timeout-s", type=click.FloatRange(0), default=120.0, show_default=True,
               help="how long to wait for /health/ready before starting")
+@click.option("--api-key", envvar="UNCLIP_API_KEY", default=None, metavar="KEY",
+              help="the server's API key (or $UNCLIP_API_KEY); never written to the results")
+@click.option("--rate", type=click.FloatRange(0, min_open=True), default=None,
+              help="requests per second all clients together aim at (each waits between its requests); "
+                   "without it each client sends its next request as soon as the last is answered")
 @click.option("--allow-remote", is_flag=True, help="allow a --url that is not a loopback address")
 @click.option("--no-plot", is_flag=True, help="skip loadtest.png (no matplotlib needed)")
 def loadtest(url: str, concurrency: str, duration: float, out: Path, prompts: tuple[str, ...], n: int,
              settings: str, grace_s: float, max_requests: int, refused_pause_s: float,
-             request_timeout_s: float, ready_timeout_s: float, allow_remote: bool, no_plot: bool) -> None:
+             request_timeout_s: float, ready_timeout_s: float, api_key: str | None, rate: float | None,
+             allow_remote: bool, no_plot: bool) -> None:
     """Closed-loop load test of a running `unclip serve`: throughput, latency, queueing, batching
     and refusals per concurrency level."""
     base = check_url(url, allow_remote)
@@ -375,7 +387,8 @@ def loadtest(url: str, concurrency: str, duration: float, out: Path, prompts: tu
     command = repeat_command(click.get_current_context())
     doc = run_loadtest(base, levels, duration, prompts=list(prompts or DEFAULT_PROMPTS), n=n, settings=extra,
                        grace_s=grace_s, max_requests=max_requests, refused_pause_s=refused_pause_s,
-                       request_timeout_s=request_timeout_s, ready_timeout_s=ready_timeout_s, command=command)
+                       request_timeout_s=request_timeout_s, ready_timeout_s=ready_timeout_s, command=command,
+                       api_key=api_key, rate=rate)
     write_results(doc, out, plot=not no_plot)
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}"
                + ("" if no_plot else f", {out / 'loadtest.png'}"))
@@ -387,7 +400,9 @@ def repeat_command(ctx: click.Context) -> str:
     for param in ctx.command.params:
         value = ctx.params[param.name]
         flag = param.opts[0]
-        if param.is_flag:
+        if param.name == "api_key":  # a secret: the command names where it came from
+            args += [flag, "$UNCLIP_API_KEY"] if value else []
+        elif param.is_flag:
             args += [flag] if value else []
         elif param.multiple:
             for item in value:

@@ -386,3 +386,27 @@ def test_item_7_ctrl_c_during_export_exits_130_and_writes_nothing(tmp_path):
 def test_item_2_bench_out_on_a_read_only_path():
     assert_one_line_error(run_cli("bench", "--model", "tiny", "--out", "/sys/unclip-bench", "--no-plots"),
                           "--out /sys/unclip-bench is not writable")
+
+
+def test_generate_serve_and_the_ray_app_take_options_declared_once():
+    """unclip/options.py is the one definition: every load option is an option of generate and of
+    serve, every replica option one of serve (but the digests, which only Ray is given) and a key
+    of the Ray app's args, with the same default everywhere."""
+    from unclip.cli import cli
+    from unclip.options import LoadOptions, ReplicaOptions, ServeOptions
+
+    commands = {name: {p.name: p for p in cli.commands[name].params} for name in ("generate", "serve")}
+    for name, field in LoadOptions.model_fields.items():
+        for command in ("generate", "serve"):
+            assert name in commands[command], (command, name)
+            assert commands[command][name].default == field.default, (command, name)
+    hidden = {"api_key_sha256", "torch_threads"}
+    for name, field in ServeOptions.model_fields.items():
+        if name in hidden:
+            continue
+        param = commands["serve"][name]
+        assert param.default == (field.default if field.default is not None or not param.multiple else ())
+        assert param.help == field.description
+    assert set(ReplicaOptions.model_fields) - hidden <= set(commands["serve"])
+    ReplicaOptions.model_validate({"model": "demo", "backend": "openvino", "kernels": False, "max_steps": 50,
+                                   "api_key_sha256": ["0" * 64]})

@@ -80,6 +80,7 @@ class ProxyErrorEnvelope:
         headers = {k: held["headers"][k] for k in KEPT_HEADERS if k in held["headers"]}
         if status == 503:
             headers.setdefault("retry-after", "1")
-        message = f"{advice} (Ray Serve: {said})" if said else advice
+        # Ray's own words for a 4xx; a 5xx says nothing of the inside (a dead replica's error is in Ray's log)
+        message = f"{advice} (Ray Serve: {said})" if said and status < 500 else advice
         response = envelope(ApiError(status, message, type=type_, code=code, headers=headers))
         await response(scope, receive, send)

@@ -20,9 +20,10 @@ Why without Triton. Importing diffusers imports `torch._dynamo`, whose module bo
 `torch.utils._triton.has_triton_package()`, i.e. `import triton`. On a machine without CUDA
 Triton has nothing to run (the kernels are the GPU fast path; the tests' interpreter sets
 TRITON_INTERPRET), and its extension prints nanobind "leaked" warnings at shutdown once
-`gc.freeze()` has run (`unclip serve`'s warm-up does: 27 lines). So on such a machine the first import of diffusers sees no Triton:
-`torch._dynamo` records that it has none (`torch.compile` on CPU does not use it), and the check's
-cache is cleared afterwards so that a later `import triton` (the interpreter, `--kernels`) is seen.
+`gc.freeze()` has run (`unclip serve`'s warm-up does: 27 lines). So on such a machine the first
+import of diffusers sees no Triton: `torch._dynamo` records that it has none (`torch.compile` on
+CPU does not use it), and the check's cache is cleared afterwards so that a later `import triton`
+(the interpreter, `--kernels`) is seen.
 """
 
 from __future__ import annotations

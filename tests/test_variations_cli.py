@@ -61,9 +61,10 @@ def test_vary_writes_image_major(pictures, tmp_path):
 
 def test_interpolate_writes_frames_strip_and_gif(pictures, tmp_path):
     out = tmp_path / "out"
-    paths = written(run_cli("interpolate", str(pictures[0]), "a green square", "--frames", "4",
-                            "--out", str(out), *FAST, *PRIOR))
-    assert [p.name for p in paths] == [f"{i:04d}.png" for i in range(4)]
+    printed = written(run_cli("interpolate", str(pictures[0]), "a green square", "--frames", "4",
+                              "--out", str(out), *FAST, *PRIOR))
+    assert printed == [out / f"{i:04d}.png" for i in range(4)] + [out / "strip.png", out / "frames.gif"]
+    paths = printed[:4]
     meta = [text_of(p) for p in paths]
     assert [m["t"] for m in meta] == ["0.0000", "0.3333", "0.6667", "1.0000"]
     assert meta[0]["a"] == str(pictures[0]) and meta[0]["b"] == "a green square"
@@ -78,11 +79,13 @@ def test_interpolate_writes_frames_strip_and_gif(pictures, tmp_path):
 
 def test_textdiff_writes_one_image_per_amount(pictures, tmp_path):
     out = tmp_path / "out"
-    paths = written(run_cli("textdiff", str(pictures[1]), "--from", "a red circle", "--to", "a blue circle",
-                            "--amounts", "0,0.5,1", "--out", str(out), *FAST))
+    printed = written(run_cli("textdiff", str(pictures[1]), "--from", "a red circle", "--to", "a blue circle",
+                              "--amounts", "0,0.5,1", "--out", str(out), *FAST))
+    assert printed[3:] == [out / "strip.png", out / "frames.gif"]  # the strip and GIF are named too
+    paths = printed[:3]
     assert [text_of(p)["amount"] for p in paths] == ["0", "0.5", "1"]
     assert text_of(paths[0])["from"] == "a red circle" and text_of(paths[0])["to"] == "a blue circle"
-    assert (out / "strip.png").is_file() and (out / "frames.gif").is_file()
+    assert all(p.is_file() for p in printed)
 
 
 def test_a_later_run_replaces_an_earlier_runs_outputs(pictures, tmp_path):

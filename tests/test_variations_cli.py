@@ -4,6 +4,7 @@ the --out reuse rule, and every bad input as one line, exit 1, nothing written."
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import zlib
@@ -15,6 +16,7 @@ from PIL import Image
 
 from tests.cli_helpers import assert_one_line_error, run_cli
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny", "--decoder-steps", "3", "--super-res-steps", "2"]
 PRIOR = ["--prior-steps", "2"]
 
@@ -159,3 +161,15 @@ def test_bad_input_is_one_line_and_writes_nothing(pictures, no_encoder_model, tm
     result = run_cli(*args, *model, "--decoder-steps", "3", "--super-res-steps", "2", "--out", str(out))
     assert_one_line_error(result, *needles)
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/variations.md"])
+def test_documented_text_diff_stays_in_the_demo_world(doc):
+    """Its captions must be scenes the demo draws (shape colour != background): blue on blue went blank."""
+    from unclip.models.shapes import all_combinations
+
+    captions = re.findall(r'--(?:from|to) "([^"]+)"', (REPO / doc).read_text())
+    assert len(captions) >= 2
+    for text in captions:
+        words = text.split()
+        assert (words[1], words[2], words[5]) in all_combinations(), f"{doc}: {text!r} is outside the world"

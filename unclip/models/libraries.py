@@ -17,10 +17,10 @@ image then differed from a single-threaded run's by up to 1.0), and a checkpoint
 submodules lazily too.
 
 Why without Triton. Importing diffusers imports `torch._dynamo`, whose module body calls
-`torch.utils._triton.has_triton_package()`, i.e. `import triton`. On a machine without CUDA
+`torch.utils._triton.has_triton_package()`, i.e. `import triton`. With a CPU build of torch
 Triton has nothing to run (the kernels are the GPU fast path; the tests' interpreter sets
 TRITON_INTERPRET), and its extension prints nanobind "leaked" warnings at shutdown once
-`gc.freeze()` has run (`unclip serve`'s warm-up does: 27 lines). So on such a machine the first
+`gc.freeze()` has run (`unclip serve`'s warm-up does: 27 lines). So with such a build the first
 import of diffusers sees no Triton: `torch._dynamo` records that it has none (`torch.compile` on
 CPU does not use it), and the check's cache is cleared afterwards so that a later `import triton`
 (the interpreter, `--kernels`) is seen.
@@ -62,10 +62,14 @@ def import_model_libraries() -> None:
 
 
 def triton_usable() -> bool:
-    """Whether Triton can run anything here: a CUDA GPU, or its CPU interpreter asked for."""
+    """Whether Triton may run anything here: a torch built for CUDA or ROCm, or Triton's CPU interpreter
+    asked for. The build, not `torch.cuda.is_available()`: asking the driver would initialise CUDA in
+    this process and break CUDA in its forked children (so a CUDA build on a GPU-less machine, which
+    ships Triton, still imports it; the CPU build does not)."""
     import torch
 
-    return bool(os.environ.get("TRITON_INTERPRET")) or torch.cuda.is_available()
+    return (bool(os.environ.get("TRITON_INTERPRET")) or torch.backends.cuda.is_built()
+            or torch.version.hip is not None)
 
 
 @contextlib.contextmanager

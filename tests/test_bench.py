@@ -191,7 +191,7 @@ def test_ctrl_c_leaves_partial_results(tmp_path):
     (["--backends", "openvino-fp16"], "--backends openvino-fp16 cannot run here: OpenVINO runs fp32 or bf16"),
     (["--backends", "tensorrt-fp16"], "name it tensorrt"),
     (["--backends", "tensorrt"], "TensorRT runs on --device cuda only"),
-    (["--evaluate"], "--model small has no image_encoder/"),
+    (["--model", "small", "--evaluate"], "--model small has no image_encoder/"),
     (["--batch-sizes", "0"], "--batch-sizes"),
     (["--batch-sizes", "1,x"], "comma-separated integers"),
     (["--repeat", "0"], "--repeat must be at least 1"),
@@ -259,9 +259,9 @@ def test_runner_evaluates_with_the_evaluate_prompts(monkeypatch):
     full = evaluation.evaluate_pipeline
     seen = {}
 
-    def smaller(pipe, folder, **settings):  # 2 prompts x 1 image instead of 30 x 4: same code path
+    def smaller(pipe, folder, on_images=None, **settings):  # 2 prompts x 1 image instead of 30 x 4
         seen.update(settings)
-        return full(pipe, folder, trained=1, held_out=1, images_per_prompt=1, **settings)
+        return full(pipe, folder, trained=1, held_out=1, images_per_prompt=1, on_images=on_images, **settings)
 
     monkeypatch.setattr(evaluation, "evaluate_pipeline", smaller)
     settings = dict(prior_steps=3, decoder_steps=3, super_res_steps=2, prior_guidance=4.0,
@@ -270,8 +270,11 @@ def test_runner_evaluates_with_the_evaluate_prompts(monkeypatch):
     runner = Runner({"runner": f"torch-{dtype}", "backend": "torch", "dtype": dtype, "model": "demo",
                      "device": "cpu", "settings": settings, "prompt": "a red circle", "seed": 0})
     runner.load()
+    told = []
+    runner.progress = told.append  # what main() turns into {"progress": n} lines for the parent's bar
     reply = runner.cmd_evaluate(str(DEMO_FOLDER))
     assert seen == settings and reply["settings"]["decoder_steps"] == 3
+    assert told == [1, 1]  # one image per prompt, told after each prompt
     assert set(reply["summary"]) == {"trained", "held_out"}
     for row in reply["summary"].values():
         assert row["images"] == 1 and 0 <= row["attribute_accuracy"] <= 1
@@ -296,3 +299,86 @@ def test_report_puts_accuracy_next_to_speed():
     assert "| openvino-bf16 | 2.60× | 87.5 % (-3.1) | 58.3 % (-4.2) |" in text
     assert "trained 24 prompts / 96 images" in text
     assert speed_and_accuracy({**doc, "runners": {"torch-fp32": {}}}) == []  # nothing scored: no table
+
+
+def test_model_defaults_to_demo_like_every_other_command():
+    from unclip.bench.config import BenchConfig
+    from unclip.models import DEFAULT_MODEL
+
+    assert BenchConfig().model == DEFAULT_MODEL == "demo"
+    result = CliRunner().invoke(cli, ["bench", "--help"])
+    model_help = result.output.split("--model", 1)[1].split("--backends", 1)[0]
+    assert "demo" in model_help and "[default: demo]" in " ".join(model_help.split())
+
+
+def fake_results(accuracy: bool = True):
+    """Results as run_suite returns them: the baseline and torch-fp32 timed at batch 2, torch scored."""
+    from unclip.bench.results import Results
+    from unclip.engine.profiling import STAGES
+
+    results = Results({}, "diffusers", ["torch-fp32"], [2])
+    for name, ms in (("diffusers", 3000.0), ("torch-fp32", 2000.0)):
+        for _ in range(3):
+            results.add(name, 2, {"latency_ms": ms, "stages_ms": dict.fromkeys(STAGES, ms / 5), "calls": []})
+    if accuracy:
+        row = {"attribute_accuracy": 0.90625, "clip_retrieval_top1": 0.8333}
+        results.runners["torch-fp32"]["accuracy"] = {"summary": {
+            "trained": {"prompts": 24, "images": 96, **row},
+            "held_out": {"prompts": 6, "images": 24, "attribute_accuracy": 0.75, "clip_retrieval_top1": 0.5}}}
+    return results
+
+
+def test_bench_prints_each_runners_accuracy_on_stdout(monkeypatch, tmp_path):
+    from unclip.bench import suite
+
+    args = ["bench", "--backends", "torch", "--no-plots", "--out", str(tmp_path / "o")]
+    monkeypatch.setattr(suite, "run_suite", lambda cfg, argv: fake_results())
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if "accuracy" in line]
+    assert lines == ["torch-fp32       accuracy, all three attributes right: trained 90.6% (CLIP top-1 "
+                     "83.3%, 96 images), held-out 75.0% (CLIP top-1 50.0%, 24 images)"], result.stdout
+    monkeypatch.setattr(suite, "run_suite", lambda cfg, argv: fake_results(accuracy=False))
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0 and "accuracy" not in result.stdout  # nothing scored: no line
+
+
+def test_evaluation_is_announced_with_an_estimate_and_counts_images(tmp_path, caplog, monkeypatch):
+    from unclip.bench import report
+    from unclip.bench.config import BenchConfig
+    from unclip.bench.suite import _evaluate
+    from unclip.models.evaluation import evaluation_images
+
+    assert evaluation_images() == 120  # `unclip evaluate`'s 24 + 6 prompts x 4 images
+    results, progress, saved = fake_results(accuracy=False), [], []
+    monkeypatch.setattr(report, "write_outputs", lambda results, out, plots: saved.append(out))
+
+    def call(name, cmd, on_progress=None, **args):  # a worker that reports each prompt's 4 images
+        for _ in range(30):
+            on_progress(4)
+            progress.append(4)
+        return {"summary": {}, "seed": 0}
+
+    with caplog.at_level("INFO", logger="unclip"):
+        _evaluate(BenchConfig(out=tmp_path), results, ["torch-fp32"], call, "demo-folder", progress=False)
+    [message] = [r.getMessage() for r in caplog.records if "accuracy" in r.getMessage()]
+    # torch-fp32 measured 2000 ms per batch of 2: 120 images x 1 s
+    assert "1 runner x 120 images" in message and "expect about 2 min (an estimate" in message
+    assert "--no-evaluate skips it" in message
+    assert sum(progress) == 120 and "evaluation_s" in results.runners["torch-fp32"]["accuracy"]
+    assert saved == [tmp_path]  # results.json rewritten once the runner is scored
+
+
+def test_worker_progress_lines_reach_the_bar_before_the_reply():
+    import io
+
+    from unclip.bench.suite import Worker
+
+    worker = Worker.__new__(Worker)  # the protocol only: no process
+    worker.name = "torch-fp32"
+    worker.process = type("P", (), {"stdin": io.StringIO(), "stdout": io.StringIO(
+        '{"progress": 4}\n{"progress": 4}\n{"summary": {}, "progress_note": 1}\n')})()
+    seen = []
+    reply = worker.call("evaluate", on_progress=seen.append, model_folder="x")
+    assert seen == [4, 4] and reply == {"summary": {}, "progress_note": 1}
+    assert json.loads(worker.process.stdin.getvalue()) == {"cmd": "evaluate", "args": {"model_folder": "x"}}

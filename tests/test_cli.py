@@ -78,6 +78,32 @@ def test_info_counts_karlo_parameters_without_allocating():
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
 
 
+def test_info_names_the_clip_input_size_apart_from_the_output_size():
+    """The demo outputs 64x64; its CLIP tower reads 32x32: one number must not pass for the other."""
+    result = run_cli("info", "--model", "demo")
+    assert result.exit_code == 0, result.output
+    sizes = {line.split()[0]: line.split(None, 2)[1:] for line in result.stdout.splitlines()[1:]
+             if not line.strip().endswith("parameters")}
+    assert "image_size" not in sizes
+    assert sizes["clip_image_size"] == ["32", "(the CLIP image tower's input side, not the output)"]
+    assert sizes["super_res_size"] == ["64", "(the output image side)"]
+    karlo = run_cli("info", "--model", "karlo")  # no image tower: said so, not "None"
+    assert "clip_image_size   none  (no CLIP image tower: no variations)" in karlo.stdout
+
+
+def test_readme_says_cpu_torch_before_the_first_install_command():
+    """A newcomer runs the first command as they read it: the CPU build must come before it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.split("## Start here", 1)[1]
+    assert "download.pytorch.org/whl/cpu" in start.split("```bash", 1)[0]
+
+
+def test_init_out_has_help():
+    result = run_cli("init", "--help")
+    out_help = " ".join(result.output.split("--out PATH", 1)[1].split("--seed", 1)[0].split())
+    assert out_help.startswith("the checkpoint folder to write") and "--model OUT" in out_help
+
+
 def test_over_long_prompt_is_truncated_with_a_warning(tmp_path):
     result = run_cli("generate", "a red circle " * 40, "--model", "tiny", "--out", str(tmp_path), *FAST)
     assert result.exit_code == 0, result.output

@@ -4,6 +4,7 @@ the --out reuse rule, and every bad input as one line, exit 1, nothing written."
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import zlib
@@ -15,6 +16,7 @@ from PIL import Image
 
 from tests.cli_helpers import assert_one_line_error, run_cli
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny", "--decoder-steps", "3", "--super-res-steps", "2"]
 PRIOR = ["--prior-steps", "2"]
 
@@ -61,9 +63,10 @@ def test_vary_writes_image_major(pictures, tmp_path):
 
 def test_interpolate_writes_frames_strip_and_gif(pictures, tmp_path):
     out = tmp_path / "out"
-    paths = written(run_cli("interpolate", str(pictures[0]), "a green square", "--frames", "4",
-                            "--out", str(out), *FAST, *PRIOR))
-    assert [p.name for p in paths] == [f"{i:04d}.png" for i in range(4)]
+    printed = written(run_cli("interpolate", str(pictures[0]), "a green square", "--frames", "4",
+                              "--out", str(out), *FAST, *PRIOR))
+    assert printed == [out / f"{i:04d}.png" for i in range(4)] + [out / "strip.png", out / "frames.gif"]
+    paths = printed[:4]
     meta = [text_of(p) for p in paths]
     assert [m["t"] for m in meta] == ["0.0000", "0.3333", "0.6667", "1.0000"]
     assert meta[0]["a"] == str(pictures[0]) and meta[0]["b"] == "a green square"
@@ -78,11 +81,13 @@ def test_interpolate_writes_frames_strip_and_gif(pictures, tmp_path):
 
 def test_textdiff_writes_one_image_per_amount(pictures, tmp_path):
     out = tmp_path / "out"
-    paths = written(run_cli("textdiff", str(pictures[1]), "--from", "a red circle", "--to", "a blue circle",
-                            "--amounts", "0,0.5,1", "--out", str(out), *FAST))
+    printed = written(run_cli("textdiff", str(pictures[1]), "--from", "a red circle", "--to", "a blue circle",
+                              "--amounts", "0,0.5,1", "--out", str(out), *FAST))
+    assert printed[3:] == [out / "strip.png", out / "frames.gif"]  # the strip and GIF are named too
+    paths = printed[:3]
     assert [text_of(p)["amount"] for p in paths] == ["0", "0.5", "1"]
     assert text_of(paths[0])["from"] == "a red circle" and text_of(paths[0])["to"] == "a blue circle"
-    assert (out / "strip.png").is_file() and (out / "frames.gif").is_file()
+    assert all(p.is_file() for p in printed)
 
 
 def test_a_later_run_replaces_an_earlier_runs_outputs(pictures, tmp_path):
@@ -156,3 +161,15 @@ def test_bad_input_is_one_line_and_writes_nothing(pictures, no_encoder_model, tm
     result = run_cli(*args, *model, "--decoder-steps", "3", "--super-res-steps", "2", "--out", str(out))
     assert_one_line_error(result, *needles)
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/variations.md"])
+def test_documented_text_diff_stays_in_the_demo_world(doc):
+    """Its captions must be scenes the demo draws (shape colour != background): blue on blue went blank."""
+    from unclip.models.shapes import all_combinations
+
+    captions = re.findall(r'--(?:from|to) "([^"]+)"', (REPO / doc).read_text())
+    assert len(captions) >= 2
+    for text in captions:
+        words = text.split()
+        assert (words[1], words[2], words[5]) in all_combinations(), f"{doc}: {text!r} is outside the world"

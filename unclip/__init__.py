@@ -32,8 +32,12 @@ def load(model: str | Path = "demo", backend: str = "torch", device: str = "cpu"
     with native bf16 (docs/cpu.md). `cuda_graphs` and `kernels` switch on the GPU fast path of the
     torch backend (unclip.engine.fast_path; docs/gpu.md). `limits` (unclip.Limits) bounds what one
     generate call may ask for; the default is generous for one user (docs/validation.md).
+    Threads may call it at once (each builds in turn) and then generate concurrently.
     """
-    pipe = _load(model, backend, device, allow_pickle, dtype, cuda_graphs, kernels, limits)
+    from unclip.models.libraries import LOAD_LOCK
+
+    with LOAD_LOCK:  # safe from several threads: one model built at a time (unclip/models/libraries.py)
+        pipe = _load(model, backend, device, allow_pickle, dtype, cuda_graphs, kernels, limits)
     if limits is not None:  # backends that build their own Pipeline get the caller's limits here
         pipe.limits = limits
         pipe.settings()  # the model's own defaults must fit them: say so now, not at the first call

@@ -124,7 +124,8 @@ def generate(prompts: tuple[str, ...], seed: int, num_images: int, no_prior: boo
 
 @cli.command()
 @click.option("--preset", required=True, help="tiny, small or karlo")
-@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="the checkpoint folder to write (an existing one is replaced); then --model OUT loads it")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the random weights")
 def init(preset: str, out: Path, seed: int) -> None:
     """Write a preset (random weights) as a checkpoint folder."""
@@ -136,6 +137,13 @@ def init(preset: str, out: Path, seed: int) -> None:
     check_output_folder(out)
     save_components(build_preset(preset, seed=seed), out)
     click.echo(str(out))
+
+
+# `unclip info`'s names and notes for the sizes: ModelDims calls the CLIP tower's input `image_size`
+# (its key in exported model_dims.json), which beside a model that outputs 64x64 reads as the output
+INFO_SIZES = {"decoder_size": ("decoder_size", "(the decoder's image side)"),
+              "super_res_size": ("super_res_size", "(the output image side)"),
+              "image_size": ("clip_image_size", "(the CLIP image tower's input side, not the output)")}
 
 
 @cli.command()
@@ -156,7 +164,10 @@ def info(model: str) -> None:
         click.echo(f"  {name:<16} {count:>15,d} parameters")
     click.echo(f"  {'total':<16} {sum(counts.values()):>15,d} parameters")
     for key, value in model_dims(components).to_dict().items():
-        click.echo(f"  {key:<16} {value}")
+        label, note = INFO_SIZES.get(key, (key, ""))
+        if key == "image_size" and value is None:
+            value, note = "none", "(no CLIP image tower: no variations)"
+        click.echo(f"  {label:<17} {value}" + (f"  {note}" if note else ""))
 
 
 @cli.command()

@@ -87,7 +87,8 @@ def endpoint(text: str):
 def interpolate(a: str, b: str, frames: int, seed: int, out: Path, **options) -> None:
     """FRAMES images from A to B (each an image file or, if no such file, a prompt for the prior): their
     CLIP image embeddings spherically interpolated, the decoder's noise the same in every frame.
-    Writes OUT/0000.png, ..., plus OUT/strip.png (the frames side by side) and OUT/frames.gif."""
+    Writes OUT/0000.png, ..., plus OUT/strip.png (the frames side by side) and OUT/frames.gif, and
+    prints every path."""
     given = given_settings(options)
     check_count(LIMITS, frames, "--frames", 2, "from A to B, both included")
     check_run(out, seed)
@@ -127,7 +128,7 @@ def parse_amounts(text: str) -> list[float]:
 def textdiff(image: str, from_text: str, to_text: str, amounts: str, seed: int, out: Path, **options) -> None:
     """IMAGE's CLIP image embedding moved along the difference of two captions' text embeddings, one
     image per amount, the decoder's noise fixed. Writes OUT/0000.png, ..., plus OUT/strip.png and
-    OUT/frames.gif."""
+    OUT/frames.gif, and prints every path."""
     given = given_settings(options)
     captions = [check_caption(LIMITS, text, name)
                 for text, name in ((from_text, "--from"), (to_text, "--to"))]

@@ -81,7 +81,7 @@ def write_images(images: list, out: Path, metadata: list[dict[str, str]],
                  extras: dict[str, bytes] | None = None) -> list[Path]:
     """All or nothing: each PNG (and each extra file) goes to a temporary name, renamed into place
     once all are written; then an earlier run's outputs that this run did not overwrite are removed.
-    Returns the images' paths."""
+    Returns every path written, the images' first, then the extras' (what a command prints)."""
     out.mkdir(parents=True, exist_ok=True)
     earlier = earlier_images(out)
     files = [(f"{i:04d}.png", png_bytes(image, meta))
@@ -110,4 +110,4 @@ def write_images(images: list, out: Path, metadata: list[dict[str, str]],
         for path in earlier:
             if path not in written:
                 path.unlink(missing_ok=True)
-    return [final for _, final in staged[:len(images)]]
+    return [final for _, final in staged]

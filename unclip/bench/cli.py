@@ -30,7 +30,8 @@ def option_names() -> set[str]:
 
 @click.command()
 @click.option("--model", default=D.model, show_default=True,
-              help="checkpoint folder (diffusers UnCLIPPipeline layout) or preset: tiny, small, karlo")
+              help="demo (the built-in model, scored for accuracy too), a checkpoint folder (diffusers "
+                   "UnCLIPPipeline layout) or a preset: tiny, small, karlo")
 @click.option("--backends", default=None,
               help="comma-separated runners, each a backend and optionally its precision: torch-fp32, "
                    "torch-bf16, onnxruntime, openvino-fp32, openvino-bf16, tensorrt (a bare name is fp32) "
@@ -96,9 +97,21 @@ def bench(ctx: click.Context, suite: Path | None, no_plots: bool, **options) -> 
         sys.exit(130)
     for name, reason in cfg.skipped.items():
         click.echo(f"{name:<16} skipped: {reason}")
-    for run in results.document()["runs"]:
+    document = results.document()
+    for run in document["runs"]:
         ratio = run["speedup_vs_baseline"]
         click.echo(f"{run['backend']:<16} batch {run['batch_size']:<3} "
                    f"median {run['latency_ms']['median']:>10,.1f} ms  {run['images_per_s']:.3f} images/s  "
                    f"{ratio:.2f}x baseline")
+    for name, runner in document["runners"].items():
+        if "accuracy" in runner:
+            click.echo(f"{name:<16} {accuracy_line(runner['accuracy'])}")
     click.echo(str(cfg.out))
+
+
+def accuracy_line(accuracy: dict) -> str:
+    """One runner's evaluation as the bench prints it: 'all three right' and CLIP top-1 per group."""
+    groups = ", ".join(f"{group.replace('_', '-')} {row['attribute_accuracy']:.1%} "
+                       f"(CLIP top-1 {row['clip_retrieval_top1']:.1%}, {row['images']} images)"
+                       for group, row in accuracy["summary"].items())
+    return f"accuracy, all three attributes right: {groups}"

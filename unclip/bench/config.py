@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from unclip.errors import UnclipError
+from unclip.models import DEFAULT_MODEL
 
 # The bench's generation settings for a random-weight preset: reduced steps (Karlo's own 25/25/7 take
 # about 3x the time) and Karlo's guidance. A checkpoint ('demo' included) benches at the settings
@@ -33,11 +34,12 @@ class BenchConfig:
     (unclip.bench.runners); the generation settings = what `generate` uses for a checkpoint, or
     BENCH_SETTINGS for a preset; `evaluate` = on where the model can be scored (a shapes-world
     model with its CLIP image tower, such as demo). `check` returns the config with these filled in.
+    `model` is DEFAULT_MODEL ("demo"), as for every other command: offline, and scored for accuracy.
     `--model small` with the two fp32 runners of torch and onnxruntime took about 4 minutes on an
     idle 2-core CPU (10 with the CPU shared 2.5 ways): ONNX export (~1 min, then cached), cold
     starts, 1 warm-up and 5 measured repeats per runner at batch 1 and 2."""
 
-    model: str = "small"
+    model: str = DEFAULT_MODEL
     backends: tuple[str, ...] | None = None
     device: str = "cpu"
     batch_sizes: tuple[int, ...] = (1, 2)

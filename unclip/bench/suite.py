@@ -5,8 +5,9 @@ time, each timed from process start to its first image (cold start); time a larg
 then per batch size: reset the peak-memory marks, warm up, and measure in rounds of
 (baseline, runner 1, runner 2, ...) so that slow drift of the machine (other load, heat)
 hits every runner alike; last, where the model can be scored, each runner's accuracy on the
-evaluation prompts, one runner at a time. results.json and results.md are rewritten after every
-measured run, so Ctrl-C leaves what was measured so far.
+evaluation prompts, one runner at a time (announced with an estimate of its time, with its own
+progress bar: 120 images per runner at the model's settings take minutes on a CPU). results.json
+and results.md are rewritten after every measured run, so Ctrl-C leaves what was measured so far.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -46,11 +48,16 @@ class Worker:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                         text=True, start_new_session=True)
 
-    def call(self, cmd: str, **args) -> dict:
+    def call(self, cmd: str, on_progress: Callable[[int], None] | None = None, **args) -> dict:
+        """The command's reply; `on_progress(n)` gets each progress line the worker sends before it."""
         try:
             self.process.stdin.write(json.dumps({"cmd": cmd, "args": args}) + "\n")
             self.process.stdin.flush()
             line = self.process.stdout.readline()
+            while line and "progress" in (reply := json.loads(line)) and len(reply) == 1:
+                if on_progress is not None:
+                    on_progress(reply["progress"])
+                line = self.process.stdout.readline()
         except BrokenPipeError:
             line = ""
         if not line:
@@ -99,6 +106,51 @@ def _count_flops(results: Results, baseline: Worker) -> None:
         results.flops.update({(n, r): f for n, r, f in counted})
 
 
+def seconds_per_image(results: Results, name: str) -> float | None:
+    """A runner's measured median seconds per image at its largest batch size (None: not measured)."""
+    batches = [b for (runner, b) in results.samples if runner == name]
+    if not batches:
+        return None
+    batch = max(batches)
+    return float(np.median([s["latency_ms"] for s in results.samples[(name, batch)]])) / 1e3 / batch
+
+
+def evaluation_estimate(results: Results, names: list[str], images: int) -> str:
+    """'about N min' for `images` images per runner at the timed runs' speed ('' if none was timed)."""
+    rates = [seconds_per_image(results, name) for name in names]
+    if None in rates or not rates:
+        return ""
+    seconds = images * sum(rates)
+    return f"about {seconds / 60:.0f} min" if seconds >= 90 else f"about {max(seconds, 1):.0f} s"
+
+
+def _evaluate(cfg: BenchConfig, results: Results, names: list[str], call: Callable[..., dict | None],
+              folder: str, progress: bool) -> None:
+    """Each runner's accuracy (`unclip evaluate`'s prompts), said before it starts: it takes a while."""
+    from unclip.bench.report import write_outputs
+    from unclip.models.evaluation import evaluation_images
+
+    images = evaluation_images()
+    estimate = evaluation_estimate(results, names, images)
+    expect = (f"expect {estimate} (an estimate from the timed runs' speed)" if estimate
+              else "this can take minutes")
+    log.info("accuracy evaluation: %d runner%s x %d images (`unclip evaluate`'s prompts), one runner at a "
+             "time; %s (--no-evaluate skips it)", len(names), "" if len(names) == 1 else "s", images, expect)
+    bar = tqdm(total=len(names) * images, desc="accuracy", unit="image", disable=not progress,
+               file=sys.stderr)
+    try:
+        for name in names:
+            bar.set_postfix_str(name)
+            t0 = time.perf_counter()
+            reply = call(name, "evaluate", on_progress=bar.update, model_folder=folder)
+            if reply is None:
+                continue
+            results.runners[name]["accuracy"] = {**reply, "evaluation_s": time.perf_counter() - t0}
+            write_outputs(results, cfg.out, plots=False)
+    finally:
+        bar.close()
+
+
 def run_suite(cfg: BenchConfig, argv: list[str], progress: bool = True, keep_going: bool = False) -> Results:
     """Measure and write `cfg.out`/results.json, results.md (and plots); returns the results.
 
@@ -136,8 +188,7 @@ def run_suite(cfg: BenchConfig, argv: list[str], progress: bool = True, keep_goi
             results.runners[name]["failed"] = str(exc)
             log.warning("%s; the other runners go on", exc)
             return None
-    total = len(runners) * (1 + len(cfg.batch_sizes) * (cfg.warmup + cfg.repeat)) + (
-        len(cfg.backends) if cfg.evaluate else 0)
+    total = len(runners) * (1 + len(cfg.batch_sizes) * (cfg.warmup + cfg.repeat))  # evaluation: its own bar
     # this run's (empty) results replace any earlier run's at once: a Ctrl-C never leaves stale ones
     for name in PLOTS:
         (cfg.out / name).unlink(missing_ok=True)
@@ -204,15 +255,8 @@ def run_suite(cfg: BenchConfig, argv: list[str], progress: bool = True, keep_goi
                 if memory is not None:
                     results.memory[(name, batch)] = memory
         if cfg.evaluate:  # one runner at a time, after the timed rounds: same prompts and seeds for each
-            for name in cfg.backends:
-                bar.set_postfix_str(f"evaluating {name}")
-                t0 = time.perf_counter()
-                reply = call(name, "evaluate", model_folder=str(folder))
-                if reply is None:
-                    continue
-                results.runners[name]["accuracy"] = {**reply, "evaluation_s": time.perf_counter() - t0}
-                write_outputs(results, cfg.out, plots=False)
-                bar.update()
+            bar.close()
+            _evaluate(cfg, results, [n for n in cfg.backends if n not in failed], call, str(folder), progress)
         results.status = "complete"
     except KeyboardInterrupt:
         results.status = "interrupted"

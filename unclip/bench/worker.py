@@ -3,7 +3,8 @@
 Why a process each: the peak host memory of a runner is then its own (not the sum of every
 model loaded for the comparison), and a crash in one backend cannot take down the others.
 The parent sends one JSON command per line on stdin and reads one JSON reply per line from
-the original stdout; anything libraries print goes to stderr. Ctrl-C is the parent's to
+the original stdout, after any `{"progress": n}` lines a long command (evaluate) sends on the way;
+anything libraries print goes to stderr. Ctrl-C is the parent's to
 handle: the worker ignores SIGINT and exits when its stdin closes.
 """
 
@@ -17,6 +18,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -36,6 +38,7 @@ class Runner:
         self.settings = spec["settings"]
         self.timeline = CallTimeline(self.device)
         self.components = None
+        self.progress: Callable[[int], None] | None = None  # main() sends {"progress": n} lines with it
 
     def load(self) -> None:
         if self.kind == BASELINE:
@@ -128,7 +131,7 @@ class Runner:
         the summary per prompt group (the per-image detail stays here)."""
         from unclip.models.evaluation import evaluate_pipeline
 
-        result = evaluate_pipeline(self.pipe, model_folder, **self.settings)
+        result = evaluate_pipeline(self.pipe, model_folder, on_images=self.progress, **self.settings)
         return {"summary": result["summary"], "images_per_prompt": result["images_per_prompt"],
                 "seed": result["seed"], "settings": result["settings"]}
 
@@ -154,6 +157,7 @@ def main() -> None:
     os.dup2(2, 1)  # library prints must not corrupt the protocol
     sys.stdout = sys.stderr
     runner = Runner(json.loads(sys.argv[1]))
+    runner.progress = lambda n: replies.write(json.dumps({"progress": n}) + "\n")
     for line in sys.stdin:
         message = json.loads(line)
         try:

@@ -28,12 +28,23 @@ def resolve_model_path(model: str | Path) -> Path:
 
 def load_model(model, allow_pickle: bool = False, seed: int = 0):
     """Components from loaded components, a checkpoint folder, 'demo', or a preset name
-    (random weights from `seed`)."""
-    from unclip.models.checkpoint import load_components
-    from unclip.models.components import UnclipComponents, build_preset
+    (random weights from `seed`). Safe from several threads: one model is built at a time
+    (diffusers' and transformers' lazy imports are not thread-safe: unclip/models/libraries.py)."""
+    from unclip.models.components import UnclipComponents
 
     if isinstance(model, UnclipComponents):
         return model
+    from unclip.models.libraries import LOAD_LOCK, import_model_libraries
+
+    with LOAD_LOCK:
+        import_model_libraries()
+        return _load_model(model, allow_pickle, seed)
+
+
+def _load_model(model, allow_pickle: bool, seed: int):
+    from unclip.models.checkpoint import load_components
+    from unclip.models.components import build_preset
+
     log = logging.getLogger("unclip")
     if str(model) in PRESETS and not Path(model).exists():
         log.info("building preset %s (random weights, seed %d) ...", model, seed)

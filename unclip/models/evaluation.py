@@ -8,6 +8,7 @@ whether the image is closer to its own caption than to every other caption of th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,10 +82,17 @@ def evaluate(model: str | Path, trained: int = 24, held_out: int = len(HELD_OUT)
                              progress, **settings)
 
 
+def evaluation_images(trained: int = 24, held_out: int = len(HELD_OUT), images_per_prompt: int = 4) -> int:
+    """How many images an evaluation generates (what its progress bars count)."""
+    return sum(map(len, evaluation_prompts(trained, held_out).values())) * images_per_prompt
+
+
 def evaluate_pipeline(pipe, model_folder: str | Path, trained: int = 24, held_out: int = len(HELD_OUT),
-                      images_per_prompt: int = 4, seed: int = 0, progress: bool = False, **settings) -> dict:
+                      images_per_prompt: int = 4, seed: int = 0, progress: bool = False,
+                      on_images: Callable[[int], None] | None = None, **settings) -> dict:
     """`evaluate` for an already loaded pipeline of any backend (`unclip bench` scores each runner):
-    the scorer's CLIP towers come from `model_folder`, the checkpoint the pipeline was made from."""
+    the scorer's CLIP towers come from `model_folder`, the checkpoint the pipeline was made from.
+    `on_images(n)` is told after each prompt's n images (the bench's progress bar, in another process)."""
     from unclip.models import load_model
 
     folder = Path(model_folder)
@@ -101,6 +109,8 @@ def evaluate_pipeline(pipe, model_folder: str | Path, trained: int = 24, held_ou
             images = pipe.generate(prompt, seed=seed, num_images=images_per_prompt, output_type="np",
                                    **settings)
             bar.update(images_per_prompt)
+            if on_images is not None:
+                on_images(images_per_prompt)
             pixels = (images * 255).round().astype(np.uint8)
             predictions = [score(img) for img in pixels]
             expected = prompt.split()

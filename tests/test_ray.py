@@ -34,6 +34,7 @@ import yaml
 from PIL import Image
 
 from tests.cli_helpers import assert_one_line_error, run_cli
+from tests.ray_helpers import REFUSED, family, listening, named, ray_client
 from tests.serve_helpers import free_port
 
 GEN = "/v1/images/generations"
@@ -177,6 +178,22 @@ def test_two_replicas_share_the_load_and_answer_as_unclip_generate(two_replicas,
     logged = {line["request_id"]: line["replica"] for line in server.access_lines() if line["path"] == GEN}
     for r in responses:
         assert logged[r.headers["x-request-id"]] == r.headers["x-unclip-replica"]
+
+
+@pytest.mark.slow
+def test_ray_runs_with_token_authentication_and_refuses_a_driver_without_the_token(two_replicas, tmp_path):
+    """`--ray` starts Ray with a token (its own, made for this instance, unless the user has one):
+    a driver without it is refused by the GCS, one with it gets in."""
+    gcs = named(family(two_replicas.proc.pid), "gcs_server")
+    environ = gcs.environ()
+    assert environ.get("RAY_AUTH_MODE") == "token"
+    default_file = Path(environ["HOME"]) / ".ray" / "auth_token"  # where Ray looks without the variable
+    token = environ.get("RAY_AUTH_TOKEN") or default_file.read_text().strip()
+    [(_, port)] = listening(gcs)
+    refused = ray_client(f"127.0.0.1:{port}", tmp_path, WAIT)
+    assert not refused["connected"] and REFUSED in refused["error"], refused
+    admitted = ray_client(f"127.0.0.1:{port}", tmp_path, WAIT, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    assert admitted["connected"], admitted
 
 
 @pytest.mark.slow

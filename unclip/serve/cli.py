@@ -113,7 +113,7 @@ def _serve_on_ray(options: ServeOptions) -> None:
     log_to_stderr()
     run_local(args, host=options.host, port=options.port, replicas=options.replicas or 1,
               max_ongoing_requests=max_ongoing, max_queued_requests=options.max_queue,
-              drain_s=options.drain_s)
+              drain_s=options.drain_s, allow_unauthenticated=options.allow_ray_unauthenticated)
 
 
 def log_to_stderr() -> None:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import threading
+from collections.abc import Mapping
+from pathlib import Path
 
 from ray import serve
 from ray.serve import Application
@@ -23,6 +26,9 @@ from unclip.options import ReplicaOptions
 
 log = logging.getLogger("unclip.serve")
 APP = "unclip"  # the application's name in Ray Serve (serve status, logs, metrics)
+# Ray's token authentication (Ray >= 2.52): the mode, and where each Ray process finds the token
+# (the variable first, then the file it names, then ~/.ray/auth_token)
+AUTH_MODE, AUTH_TOKEN, AUTH_TOKEN_PATH = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
 
 
 # What a replica loads, how its engine batches, the caps and limits it enforces, its API-key
@@ -108,14 +114,72 @@ def build_app(args: dict) -> Application:
     return UnclipReplica.bind(ReplicaOptions.model_validate(args).model_dump(mode="json"))
 
 
+def ray_auth_environment(environ: Mapping[str, str], *,
+                         allow_unauthenticated: bool = False) -> dict[str, str]:
+    """The variables that start a local Ray instance with token authentication: without it, anyone
+    who reaches one of Ray's ports can run code as this user (Ray's security guide). The user's own
+    token (variable, file, or Ray's default file) is kept; otherwise a random one for this instance,
+    in the environment only, so nothing is written to the home folder. RAY_AUTH_MODE set to anything
+    but `token` is refused unless `allow_unauthenticated`; then nothing is changed."""
+    mode = environ.get(AUTH_MODE, "").strip().lower()
+    if mode and mode != "token":
+        if not allow_unauthenticated:
+            raise UnclipError(f"Ray's token authentication is off ({AUTH_MODE}={environ[AUTH_MODE]}): anyone "
+                              "who reaches Ray's ports could run code here; unset it (unclip then starts Ray "
+                              "with a token) or pass --allow-ray-unauthenticated")
+        return {}
+    env = {AUTH_MODE: "token"}
+    if environ.get(AUTH_TOKEN):
+        return env
+    path = environ.get(AUTH_TOKEN_PATH)
+    if path:  # Ray aborts on an unreadable or empty token file: say so before it starts
+        try:
+            if Path(path).read_text().strip():
+                return env
+        except OSError:
+            pass
+        raise UnclipError(f"{AUTH_TOKEN_PATH}={path} is not a readable file holding the Ray token; "
+                          "fix the path or unset it (unclip then makes a token for this Ray instance)")
+    home = environ.get("HOME")
+    default = (Path(home) if home else Path.home()) / ".ray" / "auth_token"
+    try:
+        if default.read_text().strip():
+            return env  # `ray get-auth-token --generate`'s token: Ray's own tools can reach this instance
+    except OSError:
+        pass
+    return {**env, AUTH_TOKEN: secrets.token_hex(32)}  # 256 bits, as Ray's own generator
+
+
+def _start_ray_authenticated(allow_unauthenticated: bool) -> None:
+    """Puts ray_auth_environment's variables in this process's environment, which every process
+    Ray starts inherits, and makes the `ray` already imported here read them again (it reads
+    RAY_AUTH_MODE once, at import; Ray's own ray.init does the same when it turns the mode on)."""
+    env = ray_auth_environment(os.environ, allow_unauthenticated=allow_unauthenticated)
+    if not env:
+        log.warning("Ray runs WITHOUT token authentication (%s=%s): anyone who reaches its ports "
+                    "can run code on this machine", AUTH_MODE, os.environ.get(AUTH_MODE))
+        return
+    os.environ.update(env)
+    import ray
+    from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, Config, get_authentication_mode
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    if get_authentication_mode() != AuthenticationMode.TOKEN:  # a Ray that ignores the variable
+        raise UnclipError(f"Ray {ray.__version__} did not turn on token authentication; "
+                          "install ray[serve]>=2.60 or pass --allow-ray-unauthenticated")
+
+
 def run_local(args: ReplicaOptions, *, host: str, port: int, replicas: int, max_ongoing_requests: int,
-              max_queued_requests: int, drain_s: float) -> None:
+              max_queued_requests: int, drain_s: float, allow_unauthenticated: bool = False) -> None:
     """`unclip serve --ray`: a local Ray instance, `replicas` replicas behind HOST:PORT, until
     SIGTERM or Ctrl-C; then each replica finishes what it holds (up to `drain_s`) and Ray stops.
-    The environment is set before `ray` is first imported (unclip.serve.cli)."""
+    The environment is set before `ray` is first imported (unclip.serve.cli); Ray runs with token
+    authentication, and refuses to start without it unless `allow_unauthenticated`."""
     import click
     import ray
 
+    _start_ray_authenticated(allow_unauthenticated)
     cpus = os.cpu_count() or 1
     # CPU: the cores shared out, one torch thread per whole core; GPU: one device per replica
     cuda = args.device.startswith("cuda")

@@ -50,6 +50,8 @@ def wait_for(condition, what: str, seconds: float, detail=lambda: "") -> None:
             raise AssertionError(f"timed out waiting for {what} {detail()}")
         time.sleep(0.05)
 STEPS = dict(prior_steps=5, decoder_steps=5, super_res_steps=3)  # as tests/test_serve_http.py's CLI check
+KEY = "sk-ray-test"  # the two replicas' API key: --ray's replicas check it as unclip serve does
+AUTH = {"Authorization": f"Bearer {KEY}"}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -132,7 +134,8 @@ def two_replicas(tmp_path_factory):
     the fault test, last, kills one of them)."""
     log = tmp_path_factory.mktemp("ray") / "serve.log"
     # --drain-s: the SIGTERM test's held requests (seconds each) must finish even on a loaded machine
-    with ray_server(log, "--model", "demo", "--replicas", "2", "--drain-s", "60") as server:
+    with ray_server(log, "--model", "demo", "--replicas", "2", "--drain-s", "60", "--api-key", KEY,
+                    "--max-steps", "300") as server:
         assert len(server.replicas()) == 2, server.text()[-3000:]
         yield server
         assert_stopped_cleanly(server)
@@ -154,7 +157,8 @@ def test_two_replicas_share_the_load_and_answer_as_unclip_generate(two_replicas,
 
     def ask(k: int) -> httpx.Response:
         prompt, seed = CASES[k % len(CASES)]
-        return httpx.post(server.url + GEN, json={"prompt": prompt, "seed": seed, **STEPS}, timeout=WAIT)
+        return httpx.post(server.url + GEN, json={"prompt": prompt, "seed": seed, **STEPS}, headers=AUTH,
+                          timeout=WAIT)
 
     with ThreadPoolExecutor(4) as pool:  # 4 clients: both replicas see load at once
         responses = list(pool.map(ask, range(40)))
@@ -172,7 +176,10 @@ def test_two_replicas_share_the_load_and_answer_as_unclip_generate(two_replicas,
     # the replica's identity in readiness, metrics and logs, and one request id end to end
     ready = httpx.get(server.url + "/health/ready")
     assert ready.json()["replica"] == ready.headers["x-unclip-replica"] in served_by
-    metrics = httpx.get(server.url + "/metrics")
+    stranger = httpx.post(server.url + GEN, json={"prompt": "a red circle", **STEPS}, timeout=WAIT)
+    assert stranger.status_code == 401 and stranger.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    metrics = httpx.get(server.url + "/metrics", headers=AUTH)
     assert f'replica="{metrics.headers["x-unclip-replica"]}"' in metrics.text
     assert len(responses[0].headers.get_list("x-request-id")) == 1
     logged = {line["request_id"]: line["replica"] for line in server.access_lines() if line["path"] == GEN}
@@ -212,7 +219,7 @@ def test_a_killed_replica_is_restarted_and_an_openai_client_loses_nothing(two_re
                          response.headers.get("x-unclip-replica"),
                          response.text if response.status_code != 200 else ""))
 
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="not-needed", timeout=WAIT,
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=WAIT,
                            http_client=openai.DefaultHttpxClient(event_hooks={"response": [record]}))
     slow = dict(prior_steps=5, decoder_steps=30, super_res_steps=3)  # in flight long enough to be hit
     done, errors = [], []
@@ -240,7 +247,7 @@ def test_a_killed_replica_is_restarted_and_an_openai_client_loses_nothing(two_re
     assert not errors and len(done) == 30 and all(b64 for *_, b64 in done), errors  # none lost
 
     failed = [a for a in attempts if a[1] != 200]
-    assert failed, "the kill hit no request in flight"
+    assert failed, ("the kill hit no request in flight", attempts, server.text()[-4000:])
     for request, status, replica, body in failed:
         assert status >= 500 and replica != survivor, (request, status, replica)  # retryable, not survivor's
         assert json.loads(body)["error"]["type"] == "server_error", body  # the envelope, from Ray's proxy
@@ -269,7 +276,8 @@ def test_sigterm_lets_held_requests_finish_and_exits_0(two_replicas):
     # running at SIGTERM, and done well within the drain on a loaded one
     slow = dict(prior_steps=5, decoder_steps=300, super_res_steps=3)
     with ThreadPoolExecutor(4) as pool:
-        held = [pool.submit(httpx.post, server.url + GEN, json={"prompt": p, "seed": 1, **slow}, timeout=WAIT)
+        held = [pool.submit(httpx.post, server.url + GEN, json={"prompt": p, "seed": 1, **slow}, headers=AUTH,
+                            timeout=WAIT)
                 for p, _ in CASES + CASES[:1]]
         time.sleep(2)  # the proxy hands them to the replicas within milliseconds
         server.proc.send_signal(signal.SIGTERM)
@@ -298,7 +306,7 @@ def test_backpressure_refuses_the_excess_at_once_and_accepted_requests_finish(tm
     barrier = threading.Barrier(12)
     events = itertools.count()  # the order of sends and answers across the clients (next() is atomic)
     with ray_server(tmp_path / "serve.log", "--model", "tiny", "--max-batch-images", "1",
-                    "--max-ongoing-requests", "1", "--max-queue", "2") as server:
+                    "--max-steps", "300", "--max-ongoing-requests", "1", "--max-queue", "2") as server:
 
         def ask(k: int) -> tuple[httpx.Response, int, int]:
             with httpx.Client(timeout=WAIT) as client:  # made before the barrier: all send at once

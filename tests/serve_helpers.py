@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 START_TIMEOUT = 60  # seconds to wait for the server to listen and warm up
+GATE_WAIT = 120  # seconds a gated batch waits for its test (not reached when the test works)
 
 
 def free_port() -> int:
@@ -58,3 +59,25 @@ def running_server(pipeline, *, model: str = "tiny", warmup: bool = False, **eng
         engine.shutdown(0)
         server.should_exit = True
         thread.join(30)
+
+
+class Gate:
+    """A real pipeline whose batches wait until the gate opens: a running batch the tests control."""
+
+    def __init__(self, pipeline):
+        self._pipeline = pipeline
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self.fail = 0  # the next batches that raise, as a broken device would
+
+    def __getattr__(self, name):
+        return getattr(self._pipeline, name)
+
+    def generate_requests(self, requests, **kw):
+        self.entered.set()
+        if not self.open.wait(GATE_WAIT):
+            raise RuntimeError("the test never opened the gate")
+        if self.fail:
+            self.fail -= 1
+            raise RuntimeError("CUDA error: an illegal memory access at /opt/secret/path.cu:42")
+        return self._pipeline.generate_requests(requests, **kw)

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import FAST_STEPS
-from tests.serve_helpers import free_port, running_server
+from tests.serve_helpers import Gate, free_port, running_server
 
 GEN = "/v1/images/generations"
 WAIT = 120  # client timeout: never reached when the server works
@@ -191,16 +191,17 @@ def test_warm_up_freezes_the_models_objects_out_of_the_garbage_collector(tiny_pi
 
 
 def test_full_queue_gets_429_with_retry_after(tiny_pipeline):
-    slow = dict(prior_steps=3, decoder_steps=400, super_res_steps=2)  # keeps the scheduler busy
-    with running_server(tiny_pipeline, max_queue=1, max_batch_images=1, max_wait_ms=0) as (url, state):
+    gate = Gate(tiny_pipeline)  # the first batch runs until the gate opens: the scheduler stays busy
+    with running_server(gate, max_queue=1, max_batch_images=1, max_wait_ms=0) as (url, state):
         results = []
         threads = [threading.Thread(target=lambda: results.append(
-            httpx.post(url + GEN, json={"prompt": "a", **slow}, timeout=WAIT))) for _ in range(2)]
+            httpx.post(url + GEN, json={"prompt": "a", **FAST_STEPS}, timeout=WAIT))) for _ in range(2)]
         threads[0].start()
         wait_for(lambda: state.engine.in_flight == 1, "the first request to run")
         threads[1].start()
         wait_for(lambda: state.engine.queue_depth == 1, "the second request to queue")
-        refused = httpx.post(url + GEN, json={"prompt": "b", **slow}, timeout=WAIT)
+        refused = httpx.post(url + GEN, json={"prompt": "b", **FAST_STEPS}, timeout=WAIT)
+        gate.open.set()
         for t in threads:
             t.join(WAIT)
     assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1

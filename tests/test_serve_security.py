@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import FAST_STEPS
-from tests.serve_helpers import free_port, running_server
+from tests.serve_helpers import Gate, free_port, running_server
 
 GEN, VAR = "/v1/images/generations", "/v1/images/variations"
 WAIT = 120  # client timeout: never reached when the server works
@@ -44,28 +44,6 @@ def wait_for(condition, what: str, seconds: float = WAIT) -> None:
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
-
-
-class Gate:
-    """A real pipeline whose batches wait until the gate opens: a running batch the tests control."""
-
-    def __init__(self, pipeline):
-        self._pipeline = pipeline
-        self.open = threading.Event()
-        self.entered = threading.Event()
-        self.fail = 0  # the next batches that raise, as a broken device would
-
-    def __getattr__(self, name):
-        return getattr(self._pipeline, name)
-
-    def generate_requests(self, requests, **kw):
-        self.entered.set()
-        if not self.open.wait(WAIT):
-            raise RuntimeError("the test never opened the gate")
-        if self.fail:
-            self.fail -= 1
-            raise RuntimeError("CUDA error: an illegal memory access at /opt/secret/path.cu:42")
-        return self._pipeline.generate_requests(requests, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +142,15 @@ def stop(proc: subprocess.Popen) -> str:
 
 
 @pytest.mark.slow
-def test_cli_keys_from_the_environment_and_a_file_and_the_metrics_port(tmp_path):
+def test_cli_keys_from_the_environment_and_a_file_the_metrics_port_and_the_served_name(tmp_path, tiny_folder):
+    """`unclip serve` itself: keys from $UNCLIP_API_KEY and --api-key-file, /metrics on its own port
+    without a key, a cap from the command line, and the served name (never the folder's path) in
+    readiness and in the PNGs."""
     keys = tmp_path / "keys.txt"
     keys.write_text("# the team's keys\nsk-from-file\n\n")
     metrics_port = free_port()
-    proc, url = serve_process("--api-key-file", str(keys), "--metrics-port", str(metrics_port),
+    proc, url = serve_process("--model", str(tiny_folder), "--served-model-name", "shapes-v1",
+                              "--api-key-file", str(keys), "--metrics-port", str(metrics_port),
                               "--max-steps", "30", env={"UNCLIP_API_KEY": "sk-from-env"})
     try:
         assert proc.poll() is None, proc.stderr.read()
@@ -182,9 +164,16 @@ def test_cli_keys_from_the_environment_and_a_file_and_the_metrics_port(tmp_path)
         over = httpx.post(url + GEN, json={**body, "decoder_steps": 31}, headers=auth("sk-from-env"),
                           timeout=WAIT)
         assert over.status_code == 400 and over.json()["error"]["param"] == "decoder_steps"
+        ready = httpx.get(url + "/health/ready").json()
+        image = httpx.post(url + GEN, json=body, headers=auth("sk-from-file"), timeout=WAIT).json()
     finally:
         log = stop(proc)
     assert "sk-from-env" not in log and "sk-from-file" not in log  # keys never logged
+    import base64
+
+    png = Image.open(io.BytesIO(base64.b64decode(image["data"][0]["b64_json"])))
+    assert ready["model"] == "shapes-v1" and png.text["model"] == "shapes-v1"
+    assert str(tiny_folder) not in json.dumps(ready) and str(tiny_folder) not in json.dumps(png.text)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -499,18 +488,3 @@ def test_the_served_name_is_the_folders_name_never_its_path(tiny_folder):
     assert ServeOptions(model=str(tiny_folder) + "/").name() == "tiny"
     assert ServeOptions(model="demo").name() == "demo"
     assert ServeOptions(model=str(tiny_folder), served_model_name="shapes-v1").name() == "shapes-v1"
-
-
-@pytest.mark.slow
-def test_serve_shows_the_served_name_in_health_and_pngs(tiny_folder):
-    proc, url = serve_process("--model", str(tiny_folder), "--served-model-name", "shapes-v1")
-    try:
-        ready = httpx.get(url + "/health/ready").json()
-        image = httpx.post(url + GEN, json={"prompt": "a red circle", **FAST_STEPS}, timeout=WAIT).json()
-    finally:
-        stop(proc)
-    import base64
-
-    png = Image.open(io.BytesIO(base64.b64decode(image["data"][0]["b64_json"])))
-    assert ready["model"] == "shapes-v1" and png.text["model"] == "shapes-v1"
-    assert str(tiny_folder) not in json.dumps(ready) and str(tiny_folder) not in json.dumps(png.text)

@@ -20,6 +20,8 @@ import torch
 
 from unclip.errors import UnclipError
 
+PartialCallback = Callable[[int, torch.Tensor], None]  # (partial image index, [rows, 3, H, W] in [0, 1])
+
 
 @dataclass
 class Request:
@@ -33,6 +35,12 @@ class Request:
     # the decoder reads (Pipeline.encode_images), or the image encoder's input, encoded in the batch.
     image_embeds: torch.Tensor | None = None  # [len(prompts), clip_dim]
     pixel_values: torch.Tensor | None = None  # [len(prompts), 3, S, S]
+    # Streaming: up to `partial_images` previews, each handed to on_partial(index, images) on the
+    # sampling thread as [rows, 3, H, W] float32 in [0, 1] on the CPU at the output size (see
+    # partial_steps). They do not enter batch_key: requests that stream batch with those that don't.
+    partial_images: int = 0
+    on_partial: PartialCallback | None = None
+    partials_sent: int = 0
 
     @property
     def rows(self) -> int:
@@ -98,6 +106,28 @@ class Batch:
         self.active = [i for i in self.active if i not in leaving]
         return torch.tensor(keep, dtype=torch.long)
 
+    def previews_at(self, step: int) -> list[tuple[Request, int, int]]:
+        """(request, first row, rows) of the running requests that take a preview after decoder step
+        `step` (partial_steps), in row order."""
+        out, start = [], 0
+        for i in self.active:
+            r = self.requests[i]
+            steps = self.settings.decoder_steps
+            if r.on_partial is not None and step in partial_steps(steps, r.partial_images):
+                out.append((r, start, r.rows))
+            start += r.rows
+        return out
+
+    def previews_final(self) -> list[tuple[Request, int, int]]:
+        """(request, first row, rows) of the running requests whose last preview is the decoder's output."""
+        out, start = [], 0
+        for i in self.active:
+            r = self.requests[i]
+            if r.on_partial is not None and r.partial_images > 0:
+                out.append((r, start, r.rows))
+            start += r.rows
+        return out
+
     def split(self, images: torch.Tensor | None) -> list[torch.Tensor | None]:
         """Per request (in the order given): its images, or None if it was dropped."""
         out: list[torch.Tensor | None] = [None] * len(self.requests)
@@ -107,6 +137,30 @@ class Batch:
             out[i] = images[start:start + rows]
             start += rows
         return out
+
+
+MAX_PARTIAL_IMAGES = 3  # OpenAI's images API takes 0 to 3
+
+
+def partial_steps(decoder_steps: int, partial_images: int) -> list[int]:
+    """The decoder steps (0-based) after which a streamed request's first `partial_images` - 1
+    previews are taken: the step's prediction of the clean image. They come early, after j/(k+1) of
+    the loop for j = 1 .. k-1 (k = partial_images), because a preview is worth most while the wait is
+    long; the k-th preview is the decoder's output, before super-resolution. With fewer decoder
+    steps than partial images, fewer previews come (as OpenAI allows)."""
+    k = partial_images
+    done = {round(decoder_steps * j / (k + 1)) for j in range(1, k)}
+    return sorted(d - 1 for d in done if 1 <= d <= decoder_steps - 1)
+
+
+def check_partial_images(partial_images, on_partial) -> None:
+    if isinstance(partial_images, bool) or not isinstance(partial_images, int) \
+            or not 0 <= partial_images <= MAX_PARTIAL_IMAGES:
+        raise UnclipError(f"partial_images must be an integer from 0 to {MAX_PARTIAL_IMAGES} (previews while "
+                          f"the images are made), got {partial_images!r}", param="partial_images")
+    if partial_images and on_partial is None:
+        raise UnclipError("partial_images needs on_partial, the function that receives each preview",
+                          param="partial_images")
 
 
 def take_rows(x: torch.Tensor, keep: torch.Tensor, guided: bool) -> torch.Tensor:

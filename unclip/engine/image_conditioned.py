@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from unclip.engine.batch import Request
+from unclip.engine.batch import Request, check_partial_images
 from unclip.engine.image_input import load_image, pixel_values
 from unclip.engine.settings import check_generator, check_output_type, check_prompts, check_seed
 from unclip.errors import UnclipError
@@ -32,16 +32,19 @@ from unclip.errors import UnclipError
 DEFAULT_AMOUNTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def vary(pipe, images, *, seed: int, generator, output_type: str, progress: bool, **settings):
+def vary(pipe, images, *, seed: int, generator, output_type: str, progress: bool, partial_images: int = 0,
+         on_partial=None, **settings):
     images = as_image_list(images)
     s = pipe.image_settings(**settings)
     check_input_count(pipe.limits, len(images))
     pipe.limits.check_images(len(images), s.num_images)
     check_output_type(output_type)
+    check_partial_images(partial_images, on_partial)
     generator = make_generator(seed, generator)
     pixels = preprocess(pipe, images, "vary")
-    [out] = pipe.generate_requests([Request([""] * len(images), s, generator, pixel_values=pixels)],
-                                   progress=progress)
+    request = Request([""] * len(images), s, generator, pixel_values=pixels, partial_images=partial_images,
+                      on_partial=on_partial)
+    [out] = pipe.generate_requests([request], progress=progress)
     return convert(out, output_type)
 
 

@@ -19,9 +19,9 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from unclip.engine.backends import Backend
-from unclip.engine.batch import Batch, Request, take_rows
+from unclip.engine.batch import Batch, PartialCallback, Request, check_partial_images, take_rows
 from unclip.engine.image_input import ImagePreprocess
-from unclip.engine.scheduler import SchedulerConfig, StepTable, scheduler_step, step_table
+from unclip.engine.scheduler import SchedulerConfig, StepTable, predicted_x0, scheduler_step, step_table
 from unclip.engine.settings import (  # noqa: F401 (their home before engine.settings; kept importable)
     IMAGE_CONDITIONED,
     SAMPLER_DEFAULTS,
@@ -108,20 +108,25 @@ class Pipeline:
 
     def generate(self, prompts: str | list[str], *, seed: int = 0,
                  generator: torch.Generator | None = None, output_type: str = "pil",
-                 progress: bool = False, **settings) -> list | np.ndarray | torch.Tensor:
+                 progress: bool = False, partial_images: int = 0, on_partial: PartialCallback | None = None,
+                 **settings) -> list | np.ndarray | torch.Tensor:
         """Images for each prompt (prompt-major, then image index): PIL images ("pil"), an NHWC float32
         array in [0, 1] ("np") or an NCHW float32 tensor in [0, 1] on the CPU ("pt"). Bad input:
-        UnclipError."""
+        UnclipError. Streaming: `on_partial(index, images)` receives up to `partial_images` (0-3)
+        previews while it runs (unclip.engine.batch.partial_steps; images as "pt"); the final images
+        are the same with or without them."""
         prompts = check_prompts(prompts, self.limits)
         s = self.settings(**settings)
         self.check_prior(s)
         self.limits.check_images(len(prompts), s.num_images)
         check_output_type(output_type)
+        check_partial_images(partial_images, on_partial)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(check_seed(seed))
         else:
             check_generator(generator)
-        [images] = self.generate_requests([Request(prompts, s, generator)], progress=progress)
+        request = Request(prompts, s, generator, partial_images=partial_images, on_partial=on_partial)
+        [images] = self.generate_requests([request], progress=progress)
         return convert_images(images, output_type)
 
     def generate_requests(self, requests: list[Request], *, progress: bool = False,
@@ -149,6 +154,8 @@ class Pipeline:
                                        progress, on_step)
             if not batch.active:
                 return batch.split(None)
+            for request, start, rows in batch.previews_final():  # the decoder's output, before super-res
+                self._send_preview(request, image_small[start:start + rows])
             image = self.super_res(batch, image_small, progress, on_step)
             if not batch.active:
                 return batch.split(None)
@@ -232,7 +239,7 @@ class Pipeline:
                             text_mask=text.rows(guided)[2])
         x, _ = self._denoise(
             "decoder", batch, x, noise, config, table, ["decoder"] * s.decoder_steps, conditioning,
-            s.decoder_guidance if guided else None, c, progress, on_step)
+            s.decoder_guidance if guided else None, c, progress, on_step, previews=True)
         x = x.clamp(-1, 1)
         self._check_finite("decoder", x)
         return x
@@ -256,10 +263,13 @@ class Pipeline:
     def _denoise(self, stage: str, batch: Batch, x: torch.Tensor, noise: list[torch.Tensor | None],
                  config: SchedulerConfig, table: StepTable, networks: list[str],
                  conditioning: dict[str, torch.Tensor], guidance: float | None, channels: int | None,
-                 progress: bool, on_step: StepCallback | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 progress: bool, on_step: StepCallback | None, previews: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One stage's loop: the final latents of the requests still running, and which of the
         stage's first rows they are (None: all of them). `guidance` None: conditional rows only;
-        `channels` splits a decoder's output into its prediction and its variance."""
+        `channels` splits a decoder's output into its prediction and its variance; `previews`: streamed
+        requests get the step's prediction of the clean image at their partial steps (the eager loop
+        only: a stage captured whole has no steps to look between)."""
         guided, kept = guidance is not None, None
 
         def drop_departed() -> None:  # between steps: the rows of cancelled requests leave every tensor
@@ -296,6 +306,11 @@ class Pipeline:
             else:
                 pred = out if channels is None else out[:, :channels]
             learned = channels is not None and out.shape[1] == 2 * channels  # learned-range variance
+            wanted = batch.previews_at(i) if previews else ()
+            if wanted:
+                x0 = predicted_x0(config, table, i, pred, x)
+                for request, start, rows in wanted:
+                    self._send_preview(request, x0[start:start + rows])
             x = scheduler_step(config, table, i, pred, x, noise[i],
                                predicted_variance=out[:, channels:] if learned else None)
             if on_step is not None:
@@ -305,15 +320,16 @@ class Pipeline:
     # -- image-conditioned generation (unclip.engine.image_conditioned) --------------------------
 
     def vary(self, images, *, seed: int = 0, generator: torch.Generator | None = None,
-             output_type: str = "pil", progress: bool = False,
-             **settings) -> list | np.ndarray | torch.Tensor:
+             output_type: str = "pil", progress: bool = False, partial_images: int = 0,
+             on_partial: PartialCallback | None = None, **settings) -> list | np.ndarray | torch.Tensor:
         """Variations of each image (image-major, then index; `num_images` per image): its CLIP image
         embedding decoded with new noise. `images`: one or a list of file paths, PNG/JPEG bytes, PIL
-        images, HxWx3 arrays or 3xHxW tensors in [0, 1]. Settings, seeds and output types as `generate`."""
+        images, HxWx3 arrays or 3xHxW tensors in [0, 1]. Settings, seeds, output types and streaming
+        as `generate`."""
         from unclip.engine.image_conditioned import vary
 
         return vary(self, images, seed=seed, generator=generator, output_type=output_type, progress=progress,
-                    **settings)
+                    partial_images=partial_images, on_partial=on_partial, **settings)
 
     def interpolate(self, a, b, frames: int = 5, *, seed: int = 0, generator: torch.Generator | None = None,
                     output_type: str = "pil", progress: bool = False,
@@ -390,6 +406,20 @@ class Pipeline:
         if key not in self._tables:
             self._tables[key] = step_table(config, steps).to(self.device)
         return self._tables[key]
+
+    def _send_preview(self, request: Request, x: torch.Tensor) -> None:
+        """One preview to a streamed request: decoder-space images in [-1, 1], brought to the output
+        size as super-resolution sees its input (bicubic, antialiased). A callback that fails stops
+        that request's previews, not the batch."""
+        size = self.dims.super_res_size
+        up = F.interpolate(x.float(), size=[size, size], mode="bicubic", align_corners=False, antialias=True)
+        images = (up * 0.5 + 0.5).clamp(0, 1).cpu()
+        try:
+            request.on_partial(request.partials_sent, images)
+            request.partials_sent += 1
+        except Exception:  # noqa: BLE001 - the caller's callback; the batch goes on
+            log.exception("a partial-image callback failed; no more previews for its request")
+            request.on_partial = None
 
     def _check_finite(self, stage: str, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():  # one reduction per stage, outside the loops

@@ -121,6 +121,18 @@ def step_table(config: SchedulerConfig, steps: int) -> StepTable:
     )
 
 
+def predicted_x0(config: SchedulerConfig, table: StepTable, i: int, model_output: torch.Tensor,
+                 sample: torch.Tensor) -> torch.Tensor:
+    """The step's prediction of the clean sample (clipped as the step clips it): what a preview shows."""
+    if config.prediction_type == "epsilon":
+        x0 = (sample - table.sqrt_beta_prod[i] * model_output) / table.sqrt_alpha_prod[i]
+    else:
+        x0 = model_output
+    if config.clip_sample:
+        x0 = torch.clamp(x0, -config.clip_sample_range, config.clip_sample_range)
+    return x0
+
+
 def scheduler_step(
     config: SchedulerConfig,
     table: StepTable,
@@ -131,12 +143,7 @@ def scheduler_step(
     predicted_variance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x_{t_i} -> x_{t_{i+1}}: predict x0, clip it, take the posterior mean, add scaled noise."""
-    if config.prediction_type == "epsilon":
-        x0 = (sample - table.sqrt_beta_prod[i] * model_output) / table.sqrt_alpha_prod[i]
-    else:
-        x0 = model_output
-    if config.clip_sample:
-        x0 = torch.clamp(x0, -config.clip_sample_range, config.clip_sample_range)
+    x0 = predicted_x0(config, table, i, model_output, sample)
     prev = table.x0_coeff[i] * x0 + table.xt_coeff[i] * sample
     if not table.has_noise[i]:
         return prev

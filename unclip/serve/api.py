@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import json
 import logging
@@ -27,6 +28,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from unclip.engine.batch import MAX_PARTIAL_IMAGES
 from unclip.errors import GenerationError, UnclipError
 from unclip.serve.engine import Admission, DeadlineExceeded, Engine, QueueFull, RequestCancelled, ShuttingDown
 from unclip.serve.envelope import ApiError, envelope
@@ -38,6 +40,7 @@ GENERATIONS = "/v1/images/generations"
 VARIATIONS = "/v1/images/variations"
 TUNABLE = ("prior_steps", "decoder_steps", "super_res_steps", "prior_guidance", "decoder_guidance",
            "use_prior")
+IMAGE_TUNABLE = ("decoder_steps", "super_res_steps", "decoder_guidance")  # image-conditioned: no prior
 
 
 @dataclass
@@ -88,6 +91,8 @@ class _ImageFields(BaseModel):
     decoder_steps: int | None = None
     super_res_steps: int | None = None
     decoder_guidance: float | None = None
+    stream: bool = False  # Server-Sent Events: partial images, then the images (OpenAI's image streaming)
+    partial_images: int | None = None  # 0-3 previews per image, with stream
 
 
 class ImageGenerationRequest(_ImageFields):
@@ -189,15 +194,17 @@ async def read_json(request: Request, limit: int, timeout_s: float | None = None
     return data
 
 
-async def read_variation_form(request: Request, limit: int, timeout_s: float | None = None
-                              ) -> tuple[dict[str, str], bytes]:
-    """(text fields, the image file's bytes) of a multipart/form-data body of at most `limit` bytes."""
+async def read_form(request: Request, limit: int, timeout_s: float | None = None, *,
+                    files: tuple[str, ...] = ("image",), max_files: int = 1,
+                    what: str = "the image as a file field `image` (as OpenAI's images/variations takes it)"
+                    ) -> tuple[dict[str, str], dict[str, bytes]]:
+    """(text fields, file fields' bytes) of a multipart/form-data body of at most `limit` bytes; only
+    the fields named in `files` may be files, and only when given as files."""
     from starlette.datastructures import UploadFile
     from starlette.requests import Request as Body
 
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise ApiError(415, "send multipart/form-data with the image as a file field `image` (as OpenAI's "
-                       "images/variations takes it)", code="invalid_content_type")
+        raise ApiError(415, f"send multipart/form-data with {what}", code="invalid_content_type")
     body = await read_body(request, limit, f"a smaller image (the whole form at most {limit} bytes)",
                            timeout_s)
 
@@ -205,29 +212,36 @@ async def read_variation_form(request: Request, limit: int, timeout_s: float | N
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Body(request.scope, replay).form(max_files=1, max_fields=16, max_part_size=limit)
+        form = await Body(request.scope, replay).form(max_files=max_files, max_fields=16, max_part_size=limit)
     except Exception as exc:  # noqa: BLE001 - the multipart parser's errors are the client's malformed body
         detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
         raise ApiError(400, f"the multipart form cannot be read ({str(detail)[:120]})",
                        code="invalid_form") from None
-    fields, image = {}, None
+    fields, uploads = {}, {}
     for key, value in form.multi_items():
-        if key in fields or (key == "image" and image is not None):
+        if key in fields or key in uploads:
             raise ApiError(400, f"field {key!r} is given twice; send it once", param=key,
                            code="invalid_value")
-        if key == "image":
-            if not isinstance(value, UploadFile):
-                raise ApiError(400, "image must be a file (a PNG), not a text field", param="image",
-                               code="invalid_type")
-            image = await value.read()
-        elif isinstance(value, UploadFile):
-            raise ApiError(400, f"{key} must be a text field, not a file", param=key, code="invalid_type")
+        if isinstance(value, UploadFile):
+            if key not in files:
+                raise ApiError(400, f"{key} must be a text field, not a file", param=key, code="invalid_type")
+            uploads[key] = await value.read()
         else:
             fields[key] = value
-    if image is None:
+    return fields, uploads
+
+
+async def read_variation_form(request: Request, limit: int, timeout_s: float | None = None
+                              ) -> tuple[dict[str, str], bytes]:
+    """(text fields, the image file's bytes) of a variation's multipart/form-data body."""
+    fields, uploads = await read_form(request, limit, timeout_s)
+    if "image" in fields:
+        raise ApiError(400, "image must be a file (a PNG), not a text field", param="image",
+                       code="invalid_type")
+    if "image" not in uploads:
         raise ApiError(400, "image is required: a PNG file in the form field `image`", param="image",
                        code="missing_parameter")
-    return fields, image
+    return fields, uploads["image"]
 
 
 def parse_request(data: dict, state: ServeState, schema: type[BaseModel] = ImageGenerationRequest):
@@ -248,14 +262,18 @@ def parse_request(data: dict, state: ServeState, schema: type[BaseModel] = Image
     if body.size is not None and body.size != state.size:
         raise ApiError(400, f"size {body.size!r} is not made by this model; it makes {state.size} images "
                        f"(use size {state.size!r} or leave it out)", param="size", code="invalid_value")
+    if body.partial_images is not None and not body.stream:
+        raise ApiError(400, "partial_images is for streaming: send stream true with it, or leave it out",
+                       param="partial_images", code="invalid_value")
     if body.response_format == "url":
         raise ApiError(400, "response_format 'url' is not served: this server returns images inline; "
                        "use response_format 'b64_json'", param="response_format", code="invalid_value")
     return body
 
 
-def png_base64(image, metadata: dict[str, str]) -> str:
-    """One [3, H, W] float image in [0, 1] as a base64 PNG, rounded as the CLI rounds."""
+def png_base64(image, metadata: dict[str, str], compress_level: int = 6) -> str:
+    """One [3, H, W] float image in [0, 1] as a base64 PNG, rounded as the CLI rounds; a preview is
+    compressed less (level 1: a fifth of the time for a little more size)."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -264,7 +282,7 @@ def png_base64(image, metadata: dict[str, str]) -> str:
         info.add_text(key, value)
     array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", pnginfo=info)
+    Image.fromarray(array).save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -282,8 +300,8 @@ async def generations(request: Request) -> Response:
         check_json_type(request)
         body = parse_request(await read_json(request, state.max_body_bytes, state.receive_timeout_s), state)
         settings = {k: getattr(body, k) for k in TUNABLE if getattr(body, k) is not None}
-        return body, state.engine.generate(body.prompt, n=body.n, seed=body.seed, timeout_s=state.timeout_s,
-                                           admission=admission, **settings)
+        return body, functools.partial(state.engine.generate, body.prompt, n=body.n, seed=body.seed,
+                                       timeout_s=state.timeout_s, admission=admission, **settings)
 
     return await serve_images(request, state, start, lambda body, s: {
         "prompt": body.prompt, "steps": f"prior {s.prior_steps}, decoder {s.decoder_steps}, super-res "
@@ -299,10 +317,9 @@ async def variations(request: Request) -> Response:
     async def start(admission: Admission):
         fields, image = await read_variation_form(request, state.max_upload_bytes, state.receive_timeout_s)
         body = parse_request(fields, state, ImageVariationForm)
-        settings = {k: getattr(body, k) for k in ("decoder_steps", "super_res_steps", "decoder_guidance")
-                    if getattr(body, k) is not None}
-        return body, state.engine.vary(image, n=body.n, seed=body.seed, timeout_s=state.timeout_s,
-                                       admission=admission, **settings)
+        settings = {k: getattr(body, k) for k in IMAGE_TUNABLE if getattr(body, k) is not None}
+        return body, functools.partial(state.engine.vary, image, n=body.n, seed=body.seed,
+                                       timeout_s=state.timeout_s, admission=admission, **settings)
 
     return await serve_images(request, state, start, lambda body, s: {
         "mode": "variation", "steps": f"decoder {s.decoder_steps}, super-res {s.super_res_steps}",
@@ -311,9 +328,9 @@ async def variations(request: Request) -> Response:
 
 async def serve_images(request: Request, state: ServeState, start, describe) -> Response:
     """The part every images route shares: a place in the queue first (or 429), then `start(admission)`
-    reads the request and returns (body, the engine's coroutine); the job runs until done or the
-    client leaves; PNGs come back with `describe(body, settings)` and the run's seed and model as PNG
-    text."""
+    reads the request and returns (body, a function making the engine's coroutine); the job runs until
+    done or the client leaves; PNGs come back with `describe(body, settings)` and the run's seed and
+    model as PNG text: in one JSON response, or streamed (`stream_images`)."""
     admission = None
     request_id = getattr(request.state, "request_id", "")
     try:
@@ -322,10 +339,12 @@ async def serve_images(request: Request, state: ServeState, start, describe) -> 
                            "replica", type="server_error", code="shutting_down", headers={"Retry-After": "1"})
         try:
             admission = state.engine.admit()
-            body, coroutine = await start(admission)
+            body, call = await start(admission)
         except UnclipError as exc:
             raise engine_error(exc, state, request_id) from None
-        job = asyncio.ensure_future(coroutine)
+        if body.stream:
+            return await stream_images(request, state, body, call, describe)
+        job = asyncio.ensure_future(call())
         left = asyncio.ensure_future(until_disconnected(request))
         await asyncio.wait({job, left}, return_when=asyncio.FIRST_COMPLETED)
         if not job.done():  # the client left: cancel, so that its rows stop costing compute
@@ -356,6 +375,217 @@ async def serve_images(request: Request, state: ServeState, start, describe) -> 
                "X-Unclip-Batch-Images": str(result.batch_images)}
     return JSONResponse({"created": int(time.time()), "data": [{"b64_json": b} for b in images],
                          "seed": result.seed}, headers=headers)
+
+
+def sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def image_event(kind: str, b64: str, state: ServeState, **extra) -> str:
+    """OpenAI's image_generation.partial_image / .completed event; unclip adds image_index (which of
+    the request's images; OpenAI's streaming makes one) and, when completed, the seed."""
+    data = {"type": f"image_generation.{kind}", "b64_json": b64, "created_at": int(time.time()),
+            "size": state.size, "quality": "auto", "background": "opaque", "output_format": "png", **extra}
+    return sse(data["type"], data)
+
+
+async def stream_images(request: Request, state: ServeState, body, call, describe) -> Response:
+    """`stream: true`: Server-Sent Events, each preview as it comes (`partial_image`, for each image of
+    the request), then each image (`completed`). A request refused before it is queued gets the
+    ordinary 4xx; a failure after the stream began is an `error` event with the envelope. A client that
+    leaves cancels the job: its rows leave the batch at the next step."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import StreamingResponse
+
+    request_id = getattr(request.state, "request_id", "")
+    loop = asyncio.get_running_loop()
+    previews: asyncio.Queue = asyncio.Queue()
+    submitted = asyncio.Event()
+    k = body.partial_images or 0
+
+    def on_partial(index: int, images) -> None:  # on the scheduler thread
+        loop.call_soon_threadsafe(previews.put_nowait, (index, images))
+
+    job = asyncio.ensure_future(call(partial_images=k, on_partial=on_partial if k else None,
+                                     on_submit=lambda _: submitted.set()))
+    queued = asyncio.ensure_future(submitted.wait())
+    left = asyncio.ensure_future(until_disconnected(request))
+    await asyncio.wait({job, queued, left}, return_when=asyncio.FIRST_COMPLETED)
+    queued.cancel()
+    if left.done() and not job.done():
+        job.cancel()
+        raise ApiError(499, "the client closed the connection", code="client_closed_request")
+    if job.done() and not submitted.is_set():  # refused before it was queued: an ordinary error response
+        left.cancel()
+        try:
+            job.result()
+        except UnclipError as exc:
+            raise engine_error(exc, state, request_id) from None
+    meta = {"model": state.model, "software": "unclip"}
+
+    async def partial_events(index: int, images) -> str:
+        tags = {**meta, "partial_image_index": str(index)}
+        encoded = await run_in_threadpool(lambda: [png_base64(x, tags, compress_level=1) for x in images])
+        return "".join(image_event("partial_image", b64, state, partial_image_index=index, image_index=i)
+                       for i, b64 in enumerate(encoded))
+
+    async def events():
+        try:
+            while True:
+                get = asyncio.ensure_future(previews.get())
+                await asyncio.wait({get, job, left}, return_when=asyncio.FIRST_COMPLETED)
+                if get.done():
+                    yield await partial_events(*get.result())
+                    continue
+                get.cancel()
+                if not job.done():  # the client left
+                    return
+                break
+            while not previews.empty():  # previews handed over before the images were done
+                yield await partial_events(*previews.get_nowait())
+            try:
+                result = job.result()
+            except UnclipError as exc:
+                error = engine_error(exc, state, request_id)
+                yield sse("error", {"error": {"message": str(error), "type": error.type, "param": error.param,
+                                              "code": error.code}})
+                return
+            described = {**describe(body, result.settings), "seed": str(result.seed), **meta}
+            encoded = await run_in_threadpool(lambda: [png_base64(image, {**described, "image_index": str(i)})
+                                                       for i, image in enumerate(result.images)])
+            yield "".join(image_event("completed", b64, state, image_index=i, seed=result.seed)
+                          for i, b64 in enumerate(encoded))
+        finally:
+            if not job.done():  # the client left, or the server stops: the rows leave at the next step
+                job.cancel()
+            left.cancel()
+
+    request.state.log = {"n": body.n, "stream": True, "partial_images": k}
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class InterpolationForm(BaseModel):
+    """`POST /v1/unclip/interpolations` form fields besides the endpoints `a` and `b` (each a prompt
+    as a text field or an image as a file field)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    frames: int = 5
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    seed: int | None = None
+    prior_steps: int | None = None
+    prior_guidance: float | None = None
+    decoder_steps: int | None = None
+    super_res_steps: int | None = None
+    decoder_guidance: float | None = None
+    stream: bool = False
+    partial_images: int | None = None
+
+    @property
+    def n(self) -> int:
+        return self.frames
+
+
+INTERPOLATIONS = "/v1/unclip/interpolations"
+
+
+@router.post(INTERPOLATIONS)
+async def interpolations(request: Request) -> Response:
+    """unclip's own route (OpenAI has none): `frames` images from a to b, their image embeddings
+    spherically interpolated and the decoder's noise the same in every frame; a multipart form whose
+    fields `a` and `b` are each a prompt (text) or an image (file). Not streamed."""
+    state: ServeState = request.app.state.unclip
+
+    async def start(admission: Admission):
+        fields, files = await read_form(request, state.max_upload_bytes, state.receive_timeout_s,
+                                        files=("a", "b"), max_files=2,
+                                        what="the fields a and b, each a prompt (text) or an image (file)")
+        ends = {}
+        for name in ("a", "b"):
+            if (name in fields) == (name in files):
+                raise ApiError(400, f"{name} is required, once: a prompt (text field) or an image (file "
+                               "field)", param=name, code="missing_parameter")
+            ends[name] = fields.pop(name) if name in fields else files[name]
+        body = parse_request(fields, state, InterpolationForm)
+        if body.stream:
+            raise ApiError(400, "interpolations are not streamed; leave stream out", param="stream",
+                           code="invalid_value")
+        settings = {k: getattr(body, k) for k in TUNABLE if k != "use_prior" and getattr(body, k) is not None}
+        return body, functools.partial(state.engine.interpolate, ends["a"], ends["b"], body.frames,
+                                       seed=body.seed, timeout_s=state.timeout_s, admission=admission,
+                                       **settings)
+
+    return await serve_images(request, state, start, lambda body, s: {
+        "mode": "interpolation", "steps": f"decoder {s.decoder_steps}, super-res {s.super_res_steps}",
+        "guidance": f"decoder {s.decoder_guidance}"})
+
+
+@router.get("/v1/unclip/info")
+async def info(request: Request) -> JSONResponse:
+    """What this server's model makes and takes: its size, the settings a request gets when it leaves
+    them out (text and image-conditioned), the server's limits, which routes it serves (the
+    playground reads this)."""
+    state: ServeState = request.app.state.unclip
+    pipe = state.engine.pipeline
+    if pipe is None:
+        raise_loading()
+    names = TUNABLE
+    limits = pipe.limits
+    return JSONResponse({
+        "model": state.model, "size": state.size, "has_prior": pipe.has_prior,
+        "variations": pipe.image_preprocess is not None,
+        "defaults": {k: getattr(pipe.defaults, k) for k in names},
+        "image_defaults": {k: getattr(pipe.image_defaults, k) for k in IMAGE_TUNABLE},
+        "limits": {"max_images": limits.max_images, "max_steps": limits.max_steps,
+                   "max_guidance": limits.max_guidance, "max_prompt_chars": limits.max_prompt_chars,
+                   "max_partial_images": MAX_PARTIAL_IMAGES, "max_upload_bytes": state.max_upload_bytes}})
+
+
+def raise_loading() -> None:
+    raise ApiError(503, "the model is still loading; retry in a moment", type="server_error", code="loading",
+                   headers={"Retry-After": "1"})
+
+
+@router.get("/v1/unclip/status")
+async def status(request: Request) -> JSONResponse:
+    """The queue now and the latency of recent requests (the last 5 minutes, at most 256)."""
+    state: ServeState = request.app.state.unclip
+    engine = state.engine
+    since = time.monotonic() - 300
+    recent = sorted(s for end, s in list(engine.latencies) if end >= since)
+
+    def quantile(q: float) -> float | None:
+        return round(recent[min(len(recent) - 1, int(q * len(recent)))], 3) if recent else None
+
+    return JSONResponse({"model": state.model, "ready": state.ready and engine.health() is None,
+                         "queue_depth": engine.queue_depth, "in_flight": engine.in_flight,
+                         "recent": {"requests": len(recent), "p50_s": quantile(0.5), "p90_s": quantile(0.9)}})
+
+
+PLAYGROUND = {"/": ("index.html", "text/html; charset=utf-8"),
+              "/playground/app.js": ("app.js", "text/javascript; charset=utf-8"),
+              "/playground/style.css": ("style.css", "text/css; charset=utf-8")}
+# the page runs only its own script and style, sends requests only to this server, shows data: images
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                "img-src 'self' data: blob:; connect-src 'self'; form-action 'none'; base-uri 'none'; "
+                "frame-ancestors 'none'", "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache",
+                "Referrer-Policy": "no-referrer"}
+
+
+@router.get("/")
+@router.get("/playground/app.js")
+@router.get("/playground/style.css")
+async def playground(request: Request) -> Response:
+    """The playground: a page shipped in the package (no build step, nothing fetched from elsewhere).
+    It needs no key to load; it asks for the server's key, if any, and sends it with its requests."""
+    from importlib.resources import files
+
+    name, media_type = PLAYGROUND[request.url.path]
+    content = (files("unclip.serve") / "playground" / name).read_bytes()
+    return Response(content, media_type=media_type, headers=PAGE_HEADERS)
 
 
 @router.get("/health/live")

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from unclip.engine.batch import Request
+from unclip.engine.batch import PartialCallback, Request, check_partial_images
 from unclip.engine.image_conditioned import preprocess
 from unclip.engine.pipeline import Pipeline
 from unclip.engine.settings import check_prompts, check_seed
@@ -116,6 +116,34 @@ class Job:
         return self.request.rows
 
 
+class WholeCall:
+    """A job that is one pipeline call of its own (an interpolation), in the queue like a request: it
+    never batches (its key is itself) and it is run whole by the scheduler thread."""
+
+    def __init__(self, call: Callable, generator: torch.Generator, rows: int, settings):
+        self.call, self.generator, self.rows, self.settings = call, generator, rows, settings
+        self.cancelled = None
+        self.batch_key = self
+
+    def run(self) -> torch.Tensor:
+        return self.call(generator=self.generator)
+
+
+def load_endpoint(pipeline: Pipeline, image, name: str) -> torch.Tensor:
+    """An uploaded endpoint of an interpolation, decoded within the pixel limit and checked against
+    the model (it needs an image encoder): a [3, H, W] tensor in [0, 1]."""
+    import numpy as np
+
+    from unclip.engine.image_input import load_image
+
+    try:
+        loaded = load_image(image, pipeline.limits.max_image_pixels, name)
+    except UnclipError as exc:
+        raise UnclipError(str(exc), param=name) from None
+    preprocess(pipeline, [loaded], "interpolate between images")
+    return torch.from_numpy(np.asarray(loaded, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
 class Admission:
     """A place in the engine's queue, taken before a request's body is read or decoded; it becomes
     the request's queue entry when submitted with it, or is given back by `release()` (idempotent)."""
@@ -162,6 +190,7 @@ class Engine:
         self.metrics = metrics if metrics is not None else Metrics()
         self.steps: deque = deque(maxlen=4096)  # (monotonic time, stage, step, rows, job ids): recent steps
         self.dropped: deque = deque(maxlen=1024)  # (job id, cancelled_at, reason, where): recent drops
+        self.latencies: deque = deque(maxlen=256)  # (monotonic end, seconds from submit): recent successes
         self._queue: list[Job] = []
         self._admitted = 0  # places taken by admit() and not yet queued or given back
         self._running: list[Job] = []
@@ -197,35 +226,42 @@ class Engine:
         return Admission(self)
 
     def submit(self, prompt: str | list[str], *, n: int = 1, seed: int | None = None,
-               timeout_s: float | None = None, admission: Admission | None = None, **settings) -> Job:
-        """Queue a request (`n` images per prompt; settings as Pipeline.generate). Bad input raises
-        UnclipError here; a full queue QueueFull; a draining engine ShuttingDown. With `admission`,
-        the request takes that place (no new QueueFull)."""
+               timeout_s: float | None = None, admission: Admission | None = None, partial_images: int = 0,
+               on_partial: PartialCallback | None = None, **settings) -> Job:
+        """Queue a request (`n` images per prompt; settings and streaming as Pipeline.generate:
+        `on_partial` is called on the scheduler thread, so it should only hand the preview on). Bad
+        input raises UnclipError here; a full queue QueueFull; a draining engine ShuttingDown. With
+        `admission`, the request takes that place (no new QueueFull)."""
         self._check_loaded()
         limits = self.pipeline.limits  # the same limits as Pipeline.generate (engine.settings.Limits)
         prompts = check_prompts(prompt, limits)
         s = self.pipeline.settings(num_images=n, **settings)
         self.pipeline.check_prior(s)
         limits.check_images(len(prompts), s.num_images)
+        check_partial_images(partial_images, on_partial)
         seed = self._check(seed, timeout_s)
-        return self._enqueue(lambda generator: Request(prompts, s, generator), seed, timeout_s, admission)
+        return self._enqueue(lambda generator: Request(prompts, s, generator, partial_images=partial_images,
+                                                       on_partial=on_partial), seed, timeout_s, admission)
 
     def submit_variation(self, image, *, n: int = 1, seed: int | None = None, timeout_s: float | None = None,
-                         admission: Admission | None = None, **settings) -> Job:
-        """Queue `n` variations of one image (encoded bytes, a path or a PIL image; settings as
-        Pipeline.vary). The image is decoded and preprocessed here, in the caller's thread (`vary`:
-        on the decode pool); the image encoder runs in the batch. Variations batch with variations
-        only. Without `admission`, a full queue is refused before the image is decoded."""
+                         admission: Admission | None = None, partial_images: int = 0,
+                         on_partial: PartialCallback | None = None, **settings) -> Job:
+        """Queue `n` variations of one image (encoded bytes, a path or a PIL image; settings and
+        streaming as Pipeline.vary). The image is decoded and preprocessed here, in the caller's thread
+        (`vary`: on the decode pool); the image encoder runs in the batch. Variations batch with
+        variations only. Without `admission`, a full queue is refused before the image is decoded."""
         self._check_loaded()
         s = self.pipeline.image_settings(num_images=n, **settings)
         self.pipeline.limits.check_images(1, s.num_images)
+        check_partial_images(partial_images, on_partial)
         seed = self._check(seed, timeout_s)
         with self._cond:
             self._check_room(counting_admitted=admission is None)
         self.metrics(self.metrics.uploads_decoded).inc()
         pixels = preprocess(self.pipeline, [image], "a variation")
-        return self._enqueue(lambda generator: Request([""], s, generator, pixel_values=pixels), seed,
-                             timeout_s, admission)
+        return self._enqueue(lambda generator: Request([""], s, generator, pixel_values=pixels,
+                                                       partial_images=partial_images, on_partial=on_partial),
+                             seed, timeout_s, admission)
 
     def _check_loaded(self) -> None:
         if not self._loaded.is_set():
@@ -268,6 +304,39 @@ class Engine:
             self._cond.notify_all()
         return job
 
+    def submit_interpolation(self, a, b, frames: int = 5, *, seed: int | None = None,
+                             timeout_s: float | None = None, admission: Admission | None = None,
+                             **settings) -> Job:
+        """Queue an interpolation (Pipeline.interpolate: a and b prompts or images, `frames` images). It
+        runs alone, as one batch of its own, and leaves only between batches when cancelled: its
+        endpoints are encoded first (the prior for a prompt), then its frames decoded together."""
+        from unclip.engine.image_conditioned import check_count
+
+        self._check_loaded()
+        pipe = self.pipeline
+        s = pipe.image_settings(**settings)
+        if s.num_images != 1:
+            raise UnclipError("an interpolation makes one image per frame; leave n out", param="num_images")
+        check_count(pipe.limits, frames, "frames", 2, "from a to b, both included")
+        for x in (a, b):
+            if isinstance(x, str):
+                check_prompts(x, pipe.limits)
+                pipe.check_prior(s)
+        seed = self._check(seed, timeout_s)
+        with self._cond:
+            self._check_room(counting_admitted=admission is None)
+        # what the scheduler thread runs must not fail on the client's input: images are read here
+        ends = [x if isinstance(x, str) else load_endpoint(pipe, x, name) for name, x in (("a", a), ("b", b))]
+        call = functools.partial(pipe.interpolate, *ends, frames, output_type="pt", **settings)
+        return self._enqueue(lambda generator: WholeCall(call, generator, frames, s), seed, timeout_s,
+                             admission)
+
+    async def interpolate(self, a, b, frames: int = 5, *, on_submit=None, **kwargs) -> Result:
+        """`submit_interpolation` for asyncio (images decoded on the decode pool)."""
+        job = await asyncio.get_running_loop().run_in_executor(
+            self._decode_pool, functools.partial(self.submit_interpolation, a, b, frames, **kwargs))
+        return await self._wait(job, on_submit)
+
     async def generate(self, prompt: str | list[str], *, on_submit=None, **kwargs) -> Result:
         """`submit` for asyncio: if the awaiting task is cancelled (its client disconnected), the
         request is cancelled too and its rows stop costing compute. `on_submit(job)` sees the job."""
@@ -288,8 +357,12 @@ class Engine:
         if on_submit is not None:
             on_submit(job)
         timeout = None if job.deadline is None else max(0.0, job.deadline - time.monotonic())
+        result = asyncio.wrap_future(job.future)
+        # read its outcome even when nobody awaits it any more (the caller left, the deadline passed),
+        # so that asyncio does not log "exception was never retrieved" for a client's departure
+        result.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:  # shield: a timeout must not cancel the future, which the scheduler still resolves
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), timeout)
+            return await asyncio.wait_for(asyncio.shield(result), timeout)
         except asyncio.TimeoutError:  # the scheduler drops it (queued or at the next step) as expired
             raise DeadlineExceeded("the request's deadline passed before its images were done; allow a "
                                    "longer timeout or retry when the server is less busy") from None
@@ -466,7 +539,10 @@ class Engine:
             self.metrics(self.metrics.step_rows, stage=stage).inc(rows)
 
         try:
-            outputs = self.pipeline.generate_requests([j.request for j in batch], on_step=on_step)
+            if isinstance(batch[0].request, WholeCall):  # an interpolation: alone, start to end
+                outputs = [None if batch[0].should_stop() else batch[0].request.run()]
+            else:
+                outputs = self.pipeline.generate_requests([j.request for j in batch], on_step=on_step)
             error = None
         except UnclipError as exc:  # GenerationError (non-finite output) or a bad model file
             outputs, error = [None] * len(batch), exc
@@ -492,6 +568,7 @@ class Engine:
                 self.metrics(self.metrics.requests, status="ok").inc()
                 self.metrics(self.metrics.images).inc(out.shape[0])
                 self.metrics(self.metrics.request_seconds).observe(end - job.submitted)
+                self.latencies.append((end, end - job.submitted))
                 job.future.set_result(Result(out, job.seed, job.request.settings, start - job.submitted,
                                              end - start, images))
         with self._cond:

@@ -32,13 +32,14 @@ from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from unclip.options import digest
-from unclip.serve.api import ServeState, router
+from unclip.serve.api import PLAYGROUND, ServeState, router
 from unclip.serve.envelope import ApiError, envelope
 
 access_log = logging.getLogger("unclip.serve.access")
 log = logging.getLogger("unclip.serve")
 ROUTES = {route.path for route in router.routes}
 OPEN_PATHS = ("/health/live", "/health/ready")  # what needs no key, and is never refused as busy
+PUBLIC_PATHS = (*OPEN_PATHS, *PLAYGROUND)  # what needs no key: health and the playground's static files
 
 
 def create_app(state: ServeState, *, warmup: bool = True) -> FastAPI:
@@ -137,16 +138,16 @@ class AccessLog:
 
 
 class ApiKeyAuth:
-    """ASGI middleware: with keys configured, every path but health needs `Authorization: Bearer KEY`
-    (401 with OpenAI's `invalid_api_key` otherwise). Keys are kept as SHA-256 digests and compared in
-    constant time, each one, whether or not an earlier one matched."""
+    """ASGI middleware: with keys configured, every path but health and the playground's page needs
+    `Authorization: Bearer KEY` (401 with OpenAI's `invalid_api_key` otherwise). Keys are kept as
+    SHA-256 digests and compared in constant time, each one, whether or not an earlier one matched."""
 
     def __init__(self, app, state: ServeState):
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
         digests = self.state.key_digests
-        if scope["type"] != "http" or not digests or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not digests or scope["path"] in PUBLIC_PATHS:
             return await self.app(scope, receive, send)
         scheme, _, key = Headers(scope=scope).get("authorization", "").partition(" ")
         given = digest(key.strip()) if scheme.lower() == "bearer" and key.strip() else ""

@@ -67,12 +67,14 @@ def start_server(model: str, port: int, env: dict, log) -> subprocess.Popen:
     raise SystemExit("serve_soak: the server was not ready within 300 s")
 
 
-def loadtest(url: str, out: Path, clients: int, duration_s: float, env: dict, rate: float | None = None
-             ) -> dict:
+def loadtest(url: str, out: Path, clients: int, duration_s: float, env: dict, rate: float | None = None,
+             settings: dict | None = None) -> dict:
     args = [sys.executable, "-m", "unclip.cli", "loadtest", "--url", url, "--concurrency", str(clients),
             "--duration", str(duration_s), "--out", str(out), "--no-plot", "--grace-s", "120"]
     if rate is not None:
         args += ["--rate", f"{rate:.4f}"]
+    if settings:
+        args += ["--settings", json.dumps(settings)]
     subprocess.run(args, env=env, check=True, cwd=REPO, timeout=duration_s + 600)
     return json.loads((out / "results.json").read_text())
 

@@ -188,6 +188,24 @@ def test_two_replicas_share_the_load_and_answer_as_unclip_generate(two_replicas,
 
 
 @pytest.mark.slow
+def test_streaming_and_the_playground_through_ray(two_replicas):
+    """Through Ray's proxy: OpenAI's client streams two previews and the image (the unstreamed
+    image for the seed), and the playground's page loads."""
+    server = two_replicas
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    prompt, seed = CASES[0]
+    events = list(client.images.generate(prompt=prompt, stream=True, partial_images=2,
+                                         extra_body={"seed": seed, **STEPS}))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    plain = httpx.post(server.url + GEN, json={"prompt": prompt, "seed": seed, **STEPS}, headers=AUTH,
+                       timeout=WAIT).json()["data"][0]["b64_json"]
+    diff = np.abs(pixels(base64.b64decode(events[-1].b64_json)) - pixels(base64.b64decode(plain))).max()
+    assert diff <= 1
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "unclip playground" in page.text
+
+
+@pytest.mark.slow
 def test_ray_runs_with_token_authentication_and_refuses_a_driver_without_the_token(two_replicas, tmp_path):
     """`--ray` starts Ray with a token (its own, made for this instance, unless the user has one):
     a driver without it is refused by the GCS, one with it gets in."""

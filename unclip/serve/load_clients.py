@@ -5,7 +5,8 @@ process per concurrency level. Locust monkey-patches the standard library with g
 is imported, so it lives in this process alone: the process that reads the results, and any
 test or script that imports unclip, stays unpatched.
 
-Each of `concurrency` users sends a request, waits for the answer, and sends the next at once
+Each of `concurrency` users sends a request (streamed when its settings say `stream`: the request
+ends with the stream), waits for the answer, and sends the next at once
 (a closed loop), until `duration_s` has passed since the level started (or `max_requests`
 were sent); a request sent in that window may finish after it, for up to `grace_s` more. After
 a refused answer (429, 503) or any other failure a user pauses `refused_pause_s`, as a client
@@ -43,7 +44,15 @@ def header(response, name: str, kind=float):
 
 
 def check_body(response, n: int) -> str | None:
-    """None if a 200's body holds `n` images as OpenAI's API gives them, else what is wrong."""
+    """None if a 200's body holds `n` images as OpenAI's API gives them (in one JSON body, or as the
+    `completed` events of a stream: `--settings '{"stream": true, "partial_images": 2}'`), else what
+    is wrong."""
+    if (response.headers.get("content-type") or "").startswith("text/event-stream"):
+        text = response.text or ""
+        if "\nevent: error\n" in "\n" + text:
+            return "a stream that ended with an error event"
+        done = text.count("event: image_generation.completed\n")
+        return None if done == n else f"a stream with {done} completed events instead of {n}"
     try:
         data = response.json()["data"]
     except (ValueError, KeyError, TypeError):

@@ -71,6 +71,13 @@ async function pollStatus() {
 
 // -- requests --------------------------------------------------------------------------------------
 
+function seedOf(id) {
+  // the page draws a seed when none is given: one that JavaScript's numbers hold exactly (the
+  // server's own random seeds go up to 2^63), so that "reuse seed" gives the same image again
+  const value = $(id).value.trim();
+  return value === "" ? Math.floor(Math.random() * 2 ** 32) : Number(value);
+}
+
 function numberField(id, name, into) {
   const value = $(id).value.trim();
   if (value !== "") into[name] = Number(value);
@@ -189,8 +196,7 @@ function addCard(b64, { title, seed, index, reuse }) {
 $("generate-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const prompt = $("prompt").value;
-  const body = { prompt, stream: true };
-  numberField("seed", "seed", body);
+  const body = { prompt, stream: true, seed: seedOf("seed") };
   numberField("n", "n", body);
   numberField("partial_images", "partial_images", body);
   for (const k of ["prior_steps", "decoder_steps", "super_res_steps", "prior_guidance", "decoder_guidance"]) {
@@ -225,7 +231,8 @@ $("vary-form").addEventListener("submit", async (event) => {
   const form = new FormData();
   form.append("image", varyFile);
   form.append("stream", "true");
-  for (const k of ["seed", "n", "partial_images", "decoder_steps", "super_res_steps", "decoder_guidance"]) {
+  form.append("seed", String(seedOf("vary-seed")));
+  for (const k of ["n", "partial_images", "decoder_steps", "super_res_steps", "decoder_guidance"]) {
     const value = $(`vary-${k}`).value.trim();
     if (value !== "") form.append(k, value);
   }
@@ -249,7 +256,8 @@ $("interpolate-form").addEventListener("submit", async (event) => {
     if (file) form.append(end, file);
     else form.append(end, text);
   }
-  for (const [id, name] of [["frames", "frames"], ["interp-seed", "seed"], ["interp-decoder_steps", "decoder_steps"]]) {
+  form.append("seed", String(seedOf("interp-seed")));
+  for (const [id, name] of [["frames", "frames"], ["interp-decoder_steps", "decoder_steps"]]) {
     const value = $(id).value.trim();
     if (value !== "") form.append(name, value);
   }

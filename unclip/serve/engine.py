@@ -53,6 +53,23 @@ from unclip.serve.metrics import Metrics
 log = logging.getLogger("unclip.serve")
 
 
+RELEASE_EVERY_S = 10.0
+
+
+def _glibc_malloc_trim():
+    """glibc's malloc_trim (Linux), or None where the C library has none (macOS, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _glibc_malloc_trim()
+
+
 class QueueFull(UnclipError):
     """The queue is at `max_queue`: try again after `retry_after_s` (HTTP 429)."""
 
@@ -203,6 +220,7 @@ class Engine:
         self._accepting = True
         self._stopping = False
         self._batch_seconds = 0.0  # moving average of a batch's duration, for Retry-After
+        self._released_at = 0.0  # the last time freed memory went back to the system
         self._thread = threading.Thread(target=self._loop, name="unclip-scheduler", daemon=True)
         self._thread.start()
 
@@ -575,4 +593,16 @@ class Engine:
             self._running = []
             self.metrics(self.metrics.in_flight).set(0)
             self._cond.notify_all()
+        self._release_memory()
+
+    def _release_memory(self) -> None:
+        """Give the memory a batch freed back to the system: glibc keeps freed blocks for reuse, and
+        batches of varying sizes leave its heap ever more fragmented (the 20-minute soak: RSS +15 %
+        without this, while the live set stays the same; docs/serving.md, "Memory"). When the queue is
+        empty, and at most every RELEASE_EVERY_S under load (a trim takes milliseconds to tens of ms)."""
+        now = time.monotonic()
+        if _malloc_trim is None or (self._queue and now - self._released_at < RELEASE_EVERY_S):
+            return
+        _malloc_trim(0)
+        self._released_at = time.monotonic()
 

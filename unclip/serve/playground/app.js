@@ -116,7 +116,7 @@ async function runStreamed(button, response, describe) {
   // previews into #preview as they come, then one gallery card per image
   const preview = $("preview");
   preview.dataset.partials = "0";
-  let done = 0;
+  let done = 0, last = null;
   for await (const { event, data } of sseEvents(response)) {
     if (event === "error") throw new Error(data.error.message);
     if (data.type === "image_generation.partial_image") {
@@ -126,7 +126,7 @@ async function runStreamed(button, response, describe) {
       $("preview-caption").textContent = `preview ${data.partial_image_index + 1}` +
         (data.image_index ? ` (image ${data.image_index + 1})` : "");
     } else if (data.type === "image_generation.completed") {
-      addCard(data.b64_json, { ...describe, seed: data.seed, index: data.image_index });
+      last = addCard(data.b64_json, { ...describe, seed: data.seed, index: data.image_index }, last);
       done += 1;
     }
   }
@@ -162,7 +162,8 @@ async function submit(button, path, body, describe, streamed) {
 
 // -- the gallery -----------------------------------------------------------------------------------
 
-function addCard(b64, { title, seed, index, reuse }) {
+function addCard(b64, { title, seed, index, reuse }, after = null) {
+  // newest request first; a request's images in their order (each after the one before)
   const card = document.createElement("figure");
   card.className = "card";
   const img = document.createElement("img");
@@ -188,7 +189,8 @@ function addCard(b64, { title, seed, index, reuse }) {
     actions.append(again);
   }
   card.append(img, caption, actions);
-  $("gallery").prepend(card);
+  if (after) after.after(card); else $("gallery").prepend(card);
+  return card;
 }
 
 // -- the three forms -------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def test_merged_batch_equals_each_request_alone(demo_pipeline, settings):
 
 def test_merged_noise_is_bit_identical_to_alone():
     """Batch.draw: each request's latents and per-step noise exactly as drawn alone."""
-    from unclip.engine.pipeline import GenerationSettings
+    from unclip.engine.settings import GenerationSettings
 
     s = GenerationSettings()
     shares = [(1, 0), (3, 7), (2, 0)]  # (rows, seed): the first and last share a seed

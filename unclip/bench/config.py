@@ -111,8 +111,7 @@ def parse_list(option: str, text: str, item=str) -> tuple:
 def check(cfg: BenchConfig, known_backends: tuple[str, ...]) -> BenchConfig:
     """User input, checked before anything is loaded; returns the config with its defaults filled in."""
     from unclip.bench.runners import check_runners, default_runners
-    from unclip.engine.pipeline import GenerationSettings, read_sampler_defaults
-    from unclip.engine.settings import IMAGE_CONDITIONED
+    from unclip.engine.settings import IMAGE_CONDITIONED, GenerationSettings, read_sampler_defaults
 
     folder = model_folder(cfg.model)
     if cfg.device != "cpu" and not cfg.device.startswith("cuda"):

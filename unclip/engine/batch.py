@@ -28,7 +28,7 @@ class Request:
     """One caller's share of a batch. `cancelled` is polled before every denoising step."""
 
     prompts: list[str]  # image-conditioned: the decoder's caption of each image ("", as diffusers has it)
-    settings: object  # unclip.engine.pipeline.GenerationSettings (validated)
+    settings: object  # unclip.engine.settings.GenerationSettings (validated)
     generator: torch.Generator
     cancelled: Callable[[], bool] | None = None
     # Image-conditioned requests give one of these, one row per prompt: the embedding in the space

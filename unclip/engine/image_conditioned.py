@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from unclip.engine.batch import Request, check_partial_images
 from unclip.engine.image_input import load_image, pixel_values
+from unclip.engine.image_output import convert_images
 from unclip.engine.settings import check_generator, check_output_type, check_prompts, check_seed
 from unclip.errors import UnclipError
 
@@ -198,6 +199,4 @@ def make_generator(seed, generator) -> torch.Generator:
 
 
 def convert(images: torch.Tensor, output_type: str):
-    from unclip.engine.pipeline import convert_images
-
     return convert_images(images, output_type)

@@ -18,14 +18,14 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from unclip.engine import image_conditioned
 from unclip.engine.backends import Backend
 from unclip.engine.batch import Batch, PartialCallback, Request, check_partial_images, take_rows
 from unclip.engine.image_input import ImagePreprocess
+from unclip.engine.image_output import convert_images
 from unclip.engine.scheduler import SchedulerConfig, StepTable, predicted_x0, scheduler_step, step_table
-from unclip.engine.settings import (  # noqa: F401 (their home before engine.settings; kept importable)
+from unclip.engine.settings import (
     IMAGE_CONDITIONED,
-    SAMPLER_DEFAULTS,
-    TUNABLE,
     GenerationSettings,
     Limits,
     check_generator,
@@ -33,8 +33,6 @@ from unclip.engine.settings import (  # noqa: F401 (their home before engine.set
     check_prompts,
     check_schedules,
     check_seed,
-    read_sampler_defaults,
-    write_sampler_defaults,
 )
 from unclip.errors import GenerationError, UnclipError
 from unclip.specs import ModelDims
@@ -326,10 +324,9 @@ class Pipeline:
         embedding decoded with new noise. `images`: one or a list of file paths, PNG/JPEG bytes, PIL
         images, HxWx3 arrays or 3xHxW tensors in [0, 1]. Settings, seeds, output types and streaming
         as `generate`."""
-        from unclip.engine.image_conditioned import vary
-
-        return vary(self, images, seed=seed, generator=generator, output_type=output_type, progress=progress,
-                    partial_images=partial_images, on_partial=on_partial, **settings)
+        return image_conditioned.vary(self, images, seed=seed, generator=generator, output_type=output_type,
+                                      progress=progress, partial_images=partial_images, on_partial=on_partial,
+                                      **settings)
 
     def interpolate(self, a, b, frames: int = 5, *, seed: int = 0, generator: torch.Generator | None = None,
                     output_type: str = "pil", progress: bool = False,
@@ -337,20 +334,17 @@ class Pipeline:
         """`frames` images from a to b: their image embeddings spherically interpolated, the decoder's
         noise the same in every frame. a, b: images (as `vary` takes them) or prompts (a `str`, which
         goes through the prior)."""
-        from unclip.engine.image_conditioned import interpolate
-
-        return interpolate(self, a, b, frames, seed=seed, generator=generator, output_type=output_type,
-                           progress=progress, **settings)
+        return image_conditioned.interpolate(self, a, b, frames, seed=seed, generator=generator,
+                                             output_type=output_type, progress=progress, **settings)
 
     def text_diff(self, image, from_text: str, to_text: str, amounts=(0.0, 0.25, 0.5, 0.75, 1.0), *,
                   seed: int = 0, generator: torch.Generator | None = None, output_type: str = "pil",
                   progress: bool = False, **settings) -> list | np.ndarray | torch.Tensor:
         """One image per amount: `image`'s embedding moved towards `to_text` and away from `from_text`
         (0: unchanged, 1: the whole difference of the two captions), the decoder's noise fixed."""
-        from unclip.engine.image_conditioned import text_diff
-
-        return text_diff(self, image, from_text, to_text, amounts, seed=seed, generator=generator,
-                         output_type=output_type, progress=progress, **settings)
+        return image_conditioned.text_diff(self, image, from_text, to_text, amounts, seed=seed,
+                                           generator=generator, output_type=output_type, progress=progress,
+                                           **settings)
 
     @property
     def has_prior(self) -> bool:
@@ -426,17 +420,3 @@ class Pipeline:
             precision = getattr(self.backend, "precision", "fp32")
             raise GenerationError(f"the {stage} stage produced non-finite values (precision {precision}, "
                               f"batch {x.shape[0]}); use --dtype fp32 or a smaller guidance scale")
-
-
-def convert_images(images: torch.Tensor, output_type: str) -> list | np.ndarray | torch.Tensor:
-    """NCHW float images in [0, 1] as the caller asked: "pil", "np" (NHWC) or "pt" (NCHW)."""
-    if output_type == "pt":
-        return images
-    array = images.permute(0, 2, 3, 1).numpy()
-    return array if output_type == "np" else to_pil(array)
-
-
-def to_pil(array: np.ndarray) -> list:
-    from PIL import Image
-
-    return [Image.fromarray(img) for img in (array * 255).round().astype("uint8")]

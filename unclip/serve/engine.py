@@ -597,9 +597,9 @@ class Engine:
 
     def _release_memory(self) -> None:
         """Give the memory a batch freed back to the system: glibc keeps freed blocks for reuse, and
-        batches of varying sizes leave its heap ever more fragmented (the 20-minute soak: RSS +15 %
-        without this, while the live set stays the same; docs/serving.md, "Memory"). When the queue is
-        empty, and at most every RELEASE_EVERY_S under load (a trim takes milliseconds to tens of ms)."""
+        batches of varying sizes leave its heap ever more fragmented, so RSS creeps up while the live
+        set stays the same (measured in docs/serving.md, "Memory"). When the queue is empty, and at
+        most every RELEASE_EVERY_S under load, since a trim itself takes milliseconds."""
         now = time.monotonic()
         if _malloc_trim is None or (self._queue and now - self._released_at < RELEASE_EVERY_S):
             return

@@ -79,7 +79,7 @@ def check_serve_dependencies() -> None:
     missing = []
     for module, package in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("prometheus_client",
                                                                              "prometheus-client"),
-                            ("multipart", "python-multipart")):
+                            ("python_multipart", "python-multipart")):
         try:
             __import__(module)
         except ImportError:

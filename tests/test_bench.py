@@ -31,7 +31,7 @@ EXACT = [name for name in RUNNERS if name.endswith("fp32")]
 # (openvino) at 2/2/2 steps; a wrong image is ~128.
 BF16_MEAN_LEVELS = 30
 BATCH_SIZES = [1, 2]
-REPEAT = 3
+REPEAT = 2
 FAST = ["--prior-steps", "2", "--decoder-steps", "2", "--super-res-steps", "2"]
 # Stages are differences of the same clock readings; they add up to the latency up to float rounding.
 SUM_TOLERANCE_MS = 1e-6

@@ -48,8 +48,8 @@ def test_scorer_rejects_a_blank_image():
 
 @pytest.mark.slow
 def test_training_recipe_runs_and_resumes(tmp_path):
-    """The recipe at 1/500 of its steps: a loadable model; a rerun resumes instead of retraining."""
-    cmd = [sys.executable, "-m", "training.train_demo", "--scale", "0.002", "--out", str(tmp_path / "model"),
+    """The recipe at 1/1000 of its steps: a loadable model; a rerun resumes instead of retraining."""
+    cmd = [sys.executable, "-m", "training.train_demo", "--scale", "0.001", "--out", str(tmp_path / "model"),
            "--work", str(tmp_path / "work")]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]

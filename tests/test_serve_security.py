@@ -220,6 +220,23 @@ def test_a_missing_server_dependency_fails_at_start(monkeypatch):
     assert "python-multipart" in result.output and "pip install 'unclip[serve]'" in result.output
 
 
+def test_the_serve_and_ray_extras_declare_what_the_routes_import():
+    """A fresh `pip install "unclip[serve]"` (or `[ray]`) has every package the start-up check asks
+    for (the variations route once failed on a fresh install: python-multipart was not declared)."""
+    import re
+    from pathlib import Path
+
+    import tomllib
+
+    from unclip.serve.cli import SERVE_DEPENDENCIES
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())[
+        "project"]["optional-dependencies"]
+    for extra in ("serve", "ray", "dev"):
+        declared = {re.split(r"[<>=\[;! ]", req, maxsplit=1)[0].lower() for req in extras[extra]}
+        assert {package for _, package in SERVE_DEPENDENCIES} <= declared, (extra, declared)
+
+
 # -- admission before work ----------------------------------------------------------------------------
 
 def big_png(side: int = 2048) -> bytes:

@@ -73,13 +73,17 @@ def engine_for(options, loader, metrics, default_wait_ms: float):
                   unhealthy_after_failures=options.unhealthy_after_failures, stall_s=options.stall_s)
 
 
+# (module, package): what the routes import; the serve and ray extras declare every package
+# (tests/test_serve_security.py), so that a fresh `pip install "unclip[serve]"` serves every route
+SERVE_DEPENDENCIES = (("fastapi", "fastapi"), ("uvicorn", "uvicorn"),
+                      ("prometheus_client", "prometheus-client"), ("python_multipart", "python-multipart"))
+
+
 def check_serve_dependencies() -> None:
     """What the routes need, checked at start: a missing one is the operator's to fix, not a 4xx for
     every client later (python-multipart: the variations route's forms)."""
     missing = []
-    for module, package in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("prometheus_client",
-                                                                             "prometheus-client"),
-                            ("python_multipart", "python-multipart")):
+    for module, package in SERVE_DEPENDENCIES:
         try:
             __import__(module)
         except ImportError:

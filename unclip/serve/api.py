@@ -467,7 +467,8 @@ async def stream_images(request: Request, state: ServeState, body, call, describ
 
 class InterpolationForm(BaseModel):
     """`POST /v1/unclip/interpolations` form fields besides the endpoints `a` and `b` (each a prompt
-    as a text field or an image as a file field)."""
+    as a text field or an image as a file field). Not streamed: `stream` and `partial_images` are
+    unknown fields here."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -481,12 +482,13 @@ class InterpolationForm(BaseModel):
     decoder_steps: int | None = None
     super_res_steps: int | None = None
     decoder_guidance: float | None = None
-    stream: bool = False
-    partial_images: int | None = None
 
     @property
     def n(self) -> int:
         return self.frames
+
+    stream = property(lambda self: False)
+    partial_images = property(lambda self: None)
 
 
 INTERPOLATIONS = "/v1/unclip/interpolations"
@@ -510,9 +512,6 @@ async def interpolations(request: Request) -> Response:
                                "field)", param=name, code="missing_parameter")
             ends[name] = fields.pop(name) if name in fields else files[name]
         body = parse_request(fields, state, InterpolationForm)
-        if body.stream:
-            raise ApiError(400, "interpolations are not streamed; leave stream out", param="stream",
-                           code="invalid_value")
         settings = {k: getattr(body, k) for k in TUNABLE if k != "use_prior" and getattr(body, k) is not None}
         return body, functools.partial(state.engine.interpolate, ends["a"], ends["b"], body.frames,
                                        seed=body.seed, timeout_s=state.timeout_s, admission=admission,

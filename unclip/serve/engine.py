@@ -146,11 +146,9 @@ class WholeCall:
         return self.call(generator=self.generator)
 
 
-def load_endpoint(pipeline: Pipeline, image, name: str) -> torch.Tensor:
+def load_endpoint(pipeline: Pipeline, image, name: str):
     """An uploaded endpoint of an interpolation, decoded within the pixel limit and checked against
-    the model (it needs an image encoder): a [3, H, W] tensor in [0, 1]."""
-    import numpy as np
-
+    the model (it needs an image encoder): a PIL image, as Pipeline.interpolate takes it."""
     from unclip.engine.image_input import load_image
 
     try:
@@ -158,7 +156,7 @@ def load_endpoint(pipeline: Pipeline, image, name: str) -> torch.Tensor:
     except UnclipError as exc:
         raise UnclipError(str(exc), param=name) from None
     preprocess(pipeline, [loaded], "interpolate between images")
-    return torch.from_numpy(np.asarray(loaded, dtype=np.float32) / 255).permute(2, 0, 1)
+    return loaded
 
 
 class Admission:

@@ -17,6 +17,7 @@ import torch
 
 from tests.conftest import FAST_STEPS
 from tests.triton_interpreter import remote
+from unclip.engine.batch import partial_steps
 from unclip.engine.cuda_graphs import StageRunner, pool_allocations
 from unclip.engine.pipeline import Pipeline
 from unclip.errors import UnclipError
@@ -303,6 +304,26 @@ def test_fp16_overflow_is_an_error_naming_stage_precision_and_batch(cuda_graphs)
         pipe.backend.networks["decoder"].net.conv_out.weight.mul_(1e6)
     with pytest.raises(UnclipError, match=r"the decoder stage .*precision fp16, batch 2\)"):
         gpu_images(pipe, batch=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_streamed_previews_on_the_gpu_leave_the_images_unchanged(cuda_graphs):
+    """Eager half precision previews at the partial steps and at the decoder's output; a stage
+    captured whole has no steps to look between, so the graph path sends only the decoder's output.
+    Either way the final images are those of the same request without streaming, bit for bit."""
+    pipe = make_pipeline("cuda", "fp16", cuda_graphs=cuda_graphs)
+    plain = gpu_images(pipe, batch=1)
+    previews = []
+    streamed = gpu_images(pipe, batch=1, partial_images=3,
+                          on_partial=lambda index, images: previews.append((index, images)))
+    assert np.array_equal(streamed, plain)
+    expected = 1 if cuda_graphs else len(partial_steps(FAST_STEPS["decoder_steps"], 3)) + 1
+    assert [index for index, _ in previews] == list(range(expected))
+    size = pipe.dims.super_res_size
+    for _, images in previews:
+        assert images.shape == (1, 3, size, size) and images.device.type == "cpu"
+        assert torch.isfinite(images).all() and 0 <= images.min() and images.max() <= 1
 
 
 @pytest.mark.gpu

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -60,16 +61,21 @@ FLAGS = {"graphs", "kernels", "gn", "step", "cl"}
 
 
 def runner_options(name: str) -> dict | None:
-    """What a runner name asks for (the name is all a worker process is told); None: not ours."""
+    """What a runner name asks for (the name is all a worker process is told); None: not ours.
+    A `+cacheN` suffix adds the decoder's step cache (torch-fp16-graphs-gn+cache2)."""
+    name, plus, cache = name.partition("+")
+    match = re.fullmatch(r"cache([2-8])", cache) if plus else None
+    if plus and match is None:
+        return None
     base, _, rest = name.partition("-")
     dtype, *flags = rest.split("-")
     if base not in ("diffusers", "torch") or dtype not in DTYPES or not set(flags) <= FLAGS:
         return None
     if base == "diffusers":
-        return None if flags else {"diffusers_dtype": dtype}
+        return None if flags or plus else {"diffusers_dtype": dtype}
     only = "group_norm_silu" if "gn" in flags else "guidance_step" if "step" in flags else None
     return dict(dtype=dtype, cuda_graphs="graphs" in flags, kernels="kernels" in flags, only=only,
-                channels_last="cl" in flags)
+                channels_last="cl" in flags, step_cache=int(match.group(1)) if match else 1)
 
 
 def parse_runner(text: str, known_backends: tuple[str, ...]):
@@ -217,7 +223,9 @@ class FastResults(Results):
                                                      / out["latency_ms"]["median"] if half else None)
         if not (runner_options(runner) or {}).get("cuda_graphs"):
             return out
-        twin_name = f"torch-{self.dtype}"  # eager: counts the per-call FLOPs that the graph stages also do
+        # eager, the same step cache: counts the per-call FLOPs that the graph stages also do
+        cache = runner_options(runner)["step_cache"]
+        twin_name = f"torch-{self.dtype}" + (f"+cache{cache}" if cache > 1 else "")
         twin = super().run(twin_name, batch) if (twin_name, batch) in self.samples else None
         peak = self.matmul_peak["tflops"] if self.matmul_peak else None
         for stage, ms in out["stages_ms"].items():

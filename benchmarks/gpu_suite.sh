@@ -15,6 +15,8 @@
 #                  alone, channels-last (is each worth it)
 #   karlo-kernels  karlo, batch 1 and 8: ours half eager, graphs, graphs + each   300 s
 #                  kernel alone
+#   karlo-cache    karlo, batch 1: the decoder step cache at N = 2, 3, 4, eager   300 s
+#                  (its FLOPs per call) and graphs + GroupNorm+SiLU (its speed)
 #
 # A lease is 15 minutes of device time in all (the machine's start counted), one command at most
 # 10: the first call runs what fits of the first four (BUDGET, default 540 s of the call's 600: a
@@ -44,7 +46,7 @@ BUDGET=${BUDGET:-540}
 D=${DTYPE:-fp16}
 FROM=""
 if [[ ${1:-} == --from ]]; then FROM=$2; shift 2; fi
-PHASES=${*:-tests curve small karlo-main small-kernels karlo-kernels}
+PHASES=${*:-tests curve small karlo-main small-kernels karlo-kernels karlo-cache}
 mkdir -p "$OUT/parts"
 if [[ -n $FROM ]]; then
     [[ -d $FROM ]] || { echo "gpu_suite: --from $FROM is not a folder"; exit 2; }
@@ -65,7 +67,7 @@ python3 benchmarks/gpu_fastpath.py --preflight || exit 3
 
 cap() {  # the time cap of a phase, seconds
     case $1 in tests) echo 200 ;; curve) echo 90 ;; small | small-kernels) echo 150 ;; karlo-main) echo 300 ;;
-        karlo-kernels) echo 300 ;; *) echo 0 ;; esac
+        karlo-kernels | karlo-cache) echo 300 ;; *) echo 0 ;; esac
 }
 bench() {  # phase, gpu_fastpath options...: its results.json becomes parts/<phase>.json
     local name=$1 tmp status
@@ -88,7 +90,7 @@ START=$SECONDS
 FAILED=0
 todo=()
 for p in $PHASES; do
-    [[ $(cap "$p") == 0 ]] && { echo "gpu_suite: unknown phase $p (tests curve small karlo-main small-kernels karlo-kernels)"; exit 2; }
+    [[ $(cap "$p") == 0 ]] && { echo "gpu_suite: unknown phase $p (tests curve small karlo-main small-kernels karlo-kernels karlo-cache)"; exit 2; }
     grep -q "^$p exit=0 " "$OUT/phases.txt" && { echo "=== $p: passed in an earlier call, skipped"; continue; }
     todo+=("$p")
 done
@@ -130,6 +132,10 @@ for i in "${!todo[@]}"; do
     karlo-kernels)
         bench karlo-kernels --model karlo --batch-sizes 1,8 --warmup 1 --repeat 3 --dtype "$D" \
             --runners "torch-$D,torch-$D-graphs,torch-$D-graphs-gn,torch-$D-graphs-step" ;;
+    karlo-cache)
+        c="torch-$D-graphs-gn"
+        bench karlo-cache --model karlo --batch-sizes 1 --warmup 1 --repeat 3 --dtype "$D" \
+            --runners "diffusers-$D,torch-$D,torch-$D+cache2,torch-$D+cache3,torch-$D+cache4,$c,$c+cache2,$c+cache3,$c+cache4" ;;
     esac
     status=$?
     echo "$p exit=$status seconds=$((SECONDS - t0)) dtype=$D $(date -u +%FT%TZ)" >>"$OUT/phases.txt"

@@ -32,14 +32,17 @@ def main() -> None:
     parser.add_argument("--held-out-prompts", type=int, default=6)
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--step-cache", type=int, default=1, help="a full decoder step every N (1: off)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     folder = resolve_model_path(args.model)
-    source, _, _ = prepare(args.backend, args.model, BenchConfig.cache_dir)
-    pipe = unclip.load(source, backend=args.backend, dtype=args.dtype)
+    source, _, _ = prepare(args.backend, args.model, BenchConfig.cache_dir, step_cache=args.step_cache > 1)
+    pipe = unclip.load(source, backend=args.backend, dtype=args.dtype, step_cache=args.step_cache)
     result = evaluate_pipeline(pipe, folder, args.trained_prompts, args.held_out_prompts,
                                args.images_per_prompt, seed=args.seed)
-    result["runner"] = f"{args.backend}-{args.dtype}"
+    cache = f"+cache{args.step_cache}" if args.step_cache > 1 else ""
+    result["runner"] = f"{args.backend}-{args.dtype}{cache}"
+    result["step_cache"] = args.step_cache
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     for group, row in result["summary"].items():

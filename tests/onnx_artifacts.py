@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 _EXPORTED: dict[tuple[str, str], Path] = {}
+# Exported with `--step-cache`: the step cache's decoder pair rides along in the shared tiny folders
+# (two small graphs, a few seconds once per session) instead of a second export of its own.
+# `without_pair` makes the folder an export without the flag writes, from a copy.
+STEP_CACHE_PRESETS = ("tiny",)
 
 
 def exported(tmp_path_factory, preset: str, precision: str = "fp32") -> Path:
@@ -15,7 +20,7 @@ def exported(tmp_path_factory, preset: str, precision: str = "fp32") -> Path:
     key = (preset, precision)
     if key not in _EXPORTED:
         out = tmp_path_factory.mktemp(f"onnx_{preset}_{precision}") / "artifact"
-        export_onnx(preset, out, precision=precision)
+        export_onnx(preset, out, precision=precision, step_cache=preset in STEP_CACHE_PRESETS)
         _EXPORTED[key] = out
     return _EXPORTED[key]
 
@@ -29,3 +34,18 @@ def copy_of(folder: Path, dest: Path) -> Path:
 def siblings(folder: Path) -> list[str]:
     """Everything next to `folder` (temporary export folders would show up here)."""
     return sorted(p.name for p in folder.parent.iterdir() if p != folder)
+
+
+def without_pair(folder: Path, dest: Path) -> Path:
+    """A copy of `folder` as an export without --step-cache writes it: the step cache's pair neither in
+    the manifest nor in the folder."""
+    from unclip.models.step_cache import CACHED
+
+    folder = copy_of(folder, dest)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in CACHED:
+        entry = manifest["networks"].pop(name)
+        del manifest["files"][entry["file"]]
+        (folder / entry["file"]).unlink()
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder

@@ -132,7 +132,7 @@ def test_gpu_suite_runs_phases_within_its_budget_and_resumes(tmp_path):
     code, output = call(tmp_path / "call1", budget=230)
     assert code == 0, output
     assert ("=== next call: bash benchmarks/gpu_suite.sh --from <this call's files> karlo-main small-kernels "
-            "karlo-kernels") in output
+            "karlo-kernels karlo-cache") in output
     phases = (tmp_path / "call1" / "phases.txt").read_text().splitlines()
     assert [line.split()[:2] for line in phases] == [["tests", "exit=0"], ["curve", "exit=0"],
                                                      ["small", "exit=0"]]
@@ -150,12 +150,12 @@ def test_gpu_suite_runs_phases_within_its_budget_and_resumes(tmp_path):
     phases = (tmp_path / "call2" / "phases.txt").read_text().splitlines()
     assert [line.split()[:2] for line in phases] == [
         ["tests", "exit=0"], ["curve", "exit=0"], ["small", "exit=0"], ["karlo-main", "exit=1"],
-        ["small-kernels", "exit=0"], ["karlo-kernels", "exit=1"]]
+        ["small-kernels", "exit=0"], ["karlo-kernels", "exit=1"], ["karlo-cache", "exit=1"]]
     log = (tmp_path / "call2" / "log.txt").read_text()
     assert log.count("=== gpu_suite ") == 2  # both calls' logs, in order
     calls = (tmp_path / "calls.txt").read_text().splitlines()
     assert sum("-m pytest -m gpu" in c for c in calls) == 1  # the tests ran once, in the first call
-    assert sum("--merge" in c for c in calls) == 5  # after every benchmark phase and the curve
+    assert sum("--merge" in c for c in calls) == 6  # after every benchmark phase and the curve
     assert sum("gpu_step_curve.py" in c for c in calls) == 1
 
 

@@ -26,7 +26,7 @@ PROMPTS = ["a red circle", "a blue square"]
 
 
 def make_pipeline(device="cpu", dtype="fp32", cuda_graphs=False, kernels=False, runner=None,
-                  preset="tiny"):
+                  preset="tiny", step_cache=1):
     """A pipeline on fresh preset weights (the fast path edits networks in place)."""
     from unclip.engine.backends.torch_backend import TorchBackend
     from unclip.engine.fast_path import fast_path
@@ -36,10 +36,11 @@ def make_pipeline(device="cpu", dtype="fp32", cuda_graphs=False, kernels=False, 
     c = build_preset(preset, seed=0)
     backend = TorchBackend(c, device)
     if runner == "uncaptured":  # the CPU oracle: the runner's step function, eagerly, float32
-        return Pipeline(backend, c.tokenizer, model_dims(c), c.schedulers,
+        return Pipeline(backend, c.tokenizer, model_dims(c), c.schedulers, step_cache=step_cache,
                         stage_runner=StageRunner(backend, capture=False, kernels=kernels))
     backend, stage_runner = fast_path(backend, dtype, cuda_graphs, kernels)  # fp32 alone: (backend, None)
-    return Pipeline(backend, c.tokenizer, model_dims(c), c.schedulers, stage_runner=stage_runner)
+    return Pipeline(backend, c.tokenizer, model_dims(c), c.schedulers, stage_runner=stage_runner,
+                    step_cache=step_cache)
 
 
 SETTINGS = [
@@ -82,7 +83,8 @@ def test_runner_buffers_are_cached_per_stage_batch_and_steps(plain_and_runner):
     first = {k: b.x for k, b in runner.buffers.items()}
     fast.generate(PROMPTS[:1] * 2, seed=1, output_type="np", **FAST_STEPS)  # same batch and steps
     assert set(runner.buffers) == keys and all(runner.buffers[k].x is first[k] for k in keys)
-    assert {k[:3] for k in keys} == {("prior", 2, 3), ("decoder", 2, 4), ("super_res", 2, 2)}
+    assert {(stage, rows, len(networks)) for stage, rows, networks, _ in keys} == {
+        ("prior", 2, 3), ("decoder", 2, 4), ("super_res", 2, 2)}
     fast.generate(PROMPTS[:1], seed=1, output_type="np", **FAST_STEPS)  # a new batch size: new buffers
     assert len(runner.buffers) == 6
 
@@ -307,6 +309,20 @@ def test_fp16_overflow_is_an_error_naming_stage_precision_and_batch(cuda_graphs)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_step_cache_captured_matches_uncaptured_half_precision(preset):
+    """The step cache on the graph path: the full steps' features are carried inside the captured loop
+    to the shallow steps, as the eager loop carries them; one graph per (stage, batch, schedule)."""
+    eager = make_pipeline("cuda", "fp16", preset=preset, step_cache=2)
+    captured = make_pipeline("cuda", "fp16", cuda_graphs=True, preset=preset, step_cache=2)
+    expected, got = gpu_images(eager), gpu_images(captured)
+    assert_images_close(got, expected, CAPTURE_TOLERANCE)
+    assert not np.array_equal(expected, gpu_images(make_pipeline("cuda", "fp16", preset=preset)))
+    schedules = {key[2] for key in captured.stage_runner.buffers if key[0] == "decoder"}
+    assert schedules == {("decoder_full", "decoder_shallow") * 2}
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_streamed_previews_on_the_gpu_leave_the_images_unchanged(cuda_graphs):
     """Eager half precision previews at the partial steps and at the decoder's output; a stage
@@ -349,10 +365,14 @@ def test_gpu_suite_times_runner_stages_and_borrows_flops_from_eager_twin():
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
     assert suite.runner_options("torch-bf16-graphs-step") == dict(
-        dtype="bf16", cuda_graphs=True, kernels=False, only="guidance_step", channels_last=False)
+        dtype="bf16", cuda_graphs=True, kernels=False, only="guidance_step", channels_last=False,
+        step_cache=1)
+    assert suite.runner_options("torch-fp16-graphs-gn+cache3")["step_cache"] == 3
+    assert suite.runner_options("torch-fp16+cache9") is None
+    assert suite.runner_options("diffusers-fp16+cache2") is None
     assert suite.runner_options("diffusers") is None and suite.runner_options("onnxruntime-fp32") is None
     assert suite.runner_options("torch-fp32") == dict(  # the eager float32 runner (the CPU tests' one)
-        dtype="fp32", cuda_graphs=False, kernels=False, only=None, channels_last=False)
+        dtype="fp32", cuda_graphs=False, kernels=False, only=None, channels_last=False, step_cache=1)
 
     results = suite.FastResults({"settings": {}}, "diffusers", ["torch-fp16", "torch-fp16-graphs"], [2])
     pipes = {"torch-fp16": make_pipeline(), "torch-fp16-graphs": make_pipeline(runner="uncaptured")}

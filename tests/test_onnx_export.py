@@ -30,6 +30,7 @@ def test_manifest_follows_the_spec_table(tiny_onnx, tiny_components):
     from unclip.export.onnx_export import weights_sha256
     from unclip.export.validation import TOLERANCE
     from unclip.models.networks import model_dims
+    from unclip.models.step_cache import cached_specs, feature_channels
     from unclip.specs import network_specs
 
     manifest = json.loads((tiny_onnx / "manifest.json").read_text())
@@ -37,7 +38,8 @@ def test_manifest_follows_the_spec_table(tiny_onnx, tiny_components):
     assert json.loads((tiny_onnx / "model_dims.json").read_text()) == dims.to_dict()
     assert manifest["source_model"]["weights_sha256"] == weights_sha256(tiny_components)
     assert {"torch", "onnx", "onnxruntime", "onnxsim"} <= set(manifest["tools"])
-    specs = network_specs(dims)
+    specs = network_specs(dims)  # and the step cache's pair: the shared tiny export has it
+    specs.update(cached_specs(specs["decoder"], feature_channels(tiny_components.decoder)))
     assert list(manifest["networks"]) == list(specs)
     for name, spec in specs.items():
         entry = manifest["networks"][name]
@@ -116,6 +118,9 @@ def test_fp16_export_replaces_the_folder(tiny_onnx, tmp_path):
     manifest = export_onnx("tiny", out, precision="fp16", batch_sizes=[2])
     assert not (out / "stale.txt").exists()
     assert siblings(out) == []
+    # without --step-cache no step-cache pair, and the copied folder's pair is gone with the rest
+    assert not {"decoder_full", "decoder_shallow"} & set(manifest["networks"])
+    assert not (out / "decoder_full.onnx").exists()
     assert json.loads((out / "manifest.json").read_text()) == manifest
     for name, entry in manifest["networks"].items():
         assert entry["precision"] == "fp16" and entry["tensorrt_unsupported_ops"] == [], name

@@ -22,7 +22,8 @@ def __getattr__(name: str):
 
 
 def load(model: str | Path = "demo", backend: str = "torch", device: str = "cpu", allow_pickle: bool = False,
-         dtype: str = "fp32", cuda_graphs: bool = False, kernels: bool = False, limits=None):
+         dtype: str = "fp32", cuda_graphs: bool = False, kernels: bool = False, limits=None,
+         step_cache: int = 1):
     """Load a model once for many `generate` calls.
 
     `model` is a checkpoint folder (diffusers UnCLIPPipeline layout), "demo" (the trained model
@@ -32,12 +33,15 @@ def load(model: str | Path = "demo", backend: str = "torch", device: str = "cpu"
     with native bf16 (docs/cpu.md). `cuda_graphs` and `kernels` switch on the GPU fast path of the
     torch backend (unclip.engine.fast_path; docs/gpu.md). `limits` (unclip.Limits) bounds what one
     generate call may ask for; the default is generous for one user (docs/validation.md).
+    `step_cache` N > 1 runs a full decoder step every N steps and cheaper shallow steps between them
+    that reuse its deep features (unclip.models.step_cache; docs/step_cache.md); 1 is off. An exported
+    artifact needs the pair in it (`unclip export onnx --step-cache`, docs/onnx.md).
     Threads may call it at once (each builds in turn) and then generate concurrently.
     """
     from unclip.models.libraries import LOAD_LOCK
 
     with LOAD_LOCK:  # safe from several threads: one model built at a time (unclip/models/libraries.py)
-        pipe = _load(model, backend, device, allow_pickle, dtype, cuda_graphs, kernels, limits)
+        pipe = _load(model, backend, device, allow_pickle, dtype, cuda_graphs, kernels, limits, step_cache)
     if limits is not None:  # backends that build their own Pipeline get the caller's limits here
         pipe.limits = limits
         pipe.settings()  # the model's own defaults must fit them: say so now, not at the first call
@@ -46,7 +50,7 @@ def load(model: str | Path = "demo", backend: str = "torch", device: str = "cpu"
 
 
 def _load(model, backend: str, device: str, allow_pickle: bool, dtype: str, cuda_graphs: bool, kernels: bool,
-          limits):
+          limits, step_cache: int = 1):
     import torch
 
     from unclip.engine.pipeline import Pipeline
@@ -71,16 +75,16 @@ def _load(model, backend: str, device: str, allow_pickle: bool, dtype: str, cuda
         if dtype != "fp32" or kernels:
             raise UnclipError("--dtype and --kernels apply to --backend torch; a TensorRT engine's precision "
                               "is set when it is built (`unclip export tensorrt`): drop them")
-        return load_tensorrt_pipeline(model, device, cuda_graphs=cuda_graphs)
+        return load_tensorrt_pipeline(model, device, cuda_graphs=cuda_graphs, step_cache=step_cache)
     _check_fast_path(backend, device, dtype, cuda_graphs, kernels)
     if backend == "onnxruntime":  # serves from the artifact: no diffusers/transformers imports
         from unclip.engine.backends.onnxruntime_backend import load_onnxruntime_pipeline
 
-        return load_onnxruntime_pipeline(model, device)
+        return load_onnxruntime_pipeline(model, device, step_cache=step_cache)
     if backend == "openvino":  # the same artifact, compiled by OpenVINO; dtype checked against the CPU there
         from unclip.engine.backends.openvino_backend import load_openvino_pipeline
 
-        return load_openvino_pipeline(model, dtype, device)
+        return load_openvino_pipeline(model, dtype, device, step_cache=step_cache)
     components = load_model(model, allow_pickle=allow_pickle)
     from unclip.engine.backends.torch_backend import TorchBackend
 
@@ -92,7 +96,7 @@ def _load(model, backend: str, device: str, allow_pickle: bool, dtype: str, cuda
     return Pipeline(runtime, components.tokenizer, model_dims(components), components.schedulers,
                     model_name=components.name, stage_runner=stage_runner,
                     sampler_defaults=components.sampler_defaults, limits=limits,
-                    image_preprocess=components.image_preprocess)
+                    image_preprocess=components.image_preprocess, step_cache=step_cache)
 
 
 def _check_fast_path(backend: str, device: str, dtype: str, cuda_graphs: bool, kernels: bool) -> None:

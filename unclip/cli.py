@@ -116,6 +116,8 @@ def generate(prompts: tuple[str, ...], seed: int, num_images: int, no_prior: boo
     s = pipe.settings(**given)
     images = pipe.generate(list(prompts), seed=seed, progress=True, **vars(s))
     run = run_metadata(s, seed, options["model"])
+    if pipe.step_cache > 1:  # a load option, but it changes the image: the file says so
+        run["step_cache"] = str(pipe.step_cache)
     metadata = [{"prompt": prompt, "image_index": str(k), "prior": "no" if no_prior else "yes", **run}
                 for prompt in prompts for k in range(num_images)]
     for path in write_images(images, out, metadata):

@@ -43,8 +43,10 @@ def _apply(options: list, f):
 
 
 def model_options(f):
-    """--model, --backend, --device, --dtype, --cuda-graphs, --kernels (unclip.options.LoadOptions)."""
-    return click_options(LoadOptions, "model", "backend", "device", "dtype", "cuda_graphs", "kernels")(f)
+    """--model, --backend, --device, --dtype, --cuda-graphs, --kernels, --step-cache
+    (unclip.options.LoadOptions)."""
+    return click_options(LoadOptions, "model", "backend", "device", "dtype", "cuda_graphs", "kernels",
+                         "step_cache")(f)
 
 
 def seed_option(f):

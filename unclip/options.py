@@ -53,6 +53,9 @@ class LoadOptions(BaseModel):
         "with native bf16 (half networks, float32 scheduler; docs/cpu.md)"))
     cuda_graphs: bool = Field(False, description="cuda: replay each stage's loop as one captured CUDA graph")
     kernels: bool = Field(False, description="cuda: fused Triton kernels (GroupNorm+SiLU, guidance step)")
+    step_cache: int = Field(1, ge=1, le=8, description=(
+        "a full decoder step every N steps, cheaper shallow steps between them that reuse its deep "
+        "features (docs/step_cache.md); 1: off"), json_schema_extra=cli(metavar="N"))
     allow_pickle: bool = Field(False, description="allow pickle (.bin) weights, which can run code")
 
     def load_kwargs(self) -> dict:

@@ -14,11 +14,11 @@ from pathlib import Path
 from unclip.models.presets import PRESETS
 
 
-def _export_onnx(model: str, out: Path) -> None:
+def _export_onnx(model: str, out: Path, step_cache: bool = False) -> None:
     from unclip.export.onnx_export import export_onnx
 
     # validated at batch 1 only: the bench compares the images it makes with the baseline anyway
-    export_onnx(model, out, precision="fp32", batch_sizes=(1,), seed=0)
+    export_onnx(model, out, precision="fp32", batch_sizes=(1,), seed=0, step_cache=step_cache)
 
 
 EXPORTERS = {"onnxruntime": ("onnx-fp32", _export_onnx), "openvino": ("onnx-fp32", _export_onnx)}
@@ -36,15 +36,18 @@ def cache_key(model: str) -> str:
     return f"{path.name}-{digest}"
 
 
-def prepare(backend: str, model: str, cache_dir: Path) -> tuple[str, float | None, bool]:
-    """What to pass to `unclip.load` for this backend: (model or artifact, export seconds, cached)."""
+def prepare(backend: str, model: str, cache_dir: Path,
+            step_cache: bool = False) -> tuple[str, float | None, bool]:
+    """What to pass to `unclip.load` for this backend: (model or artifact, export seconds, cached).
+    `step_cache`: an export that also has the decoder's cached pair (its own folder, so the plain
+    export's runners keep theirs)."""
     if backend not in EXPORTERS:
         return model, None, False
     kind, export = EXPORTERS[backend]
-    folder = cache_dir / cache_key(model) / kind
+    folder = cache_dir / cache_key(model) / (kind + "-step-cache" if step_cache else kind)
     if (folder / "manifest.json").exists():
         return str(folder), None, True
     folder.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    export(model, folder)
+    export(model, folder, step_cache=step_cache)
     return str(folder), time.perf_counter() - t0, False

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from unclip.engine.profiling import STAGES
 
-PLOTS = ("stages.png", "throughput.png")
+PLOTS = ("stages.png", "throughput.png", "speed_quality.png")  # the last only with --evaluate
 
 
 def _save(fig, path: Path) -> None:
@@ -71,4 +71,35 @@ def write_plots(doc: dict, out: Path) -> list[Path]:
     throughput_png = out / PLOTS[1]
     _save(fig, throughput_png)
     plt.close(fig)
-    return [stages_png, throughput_png]
+    written = [stages_png, throughput_png]
+    points = speed_quality_points(doc)
+    if points:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for base, mine in points.items():
+            ax.plot([p[1] for p in mine], [p[2] for p in mine], marker="o", label=base)
+            for n, x, y in mine:
+                ax.annotate(f"N={n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(f"speed-up over the baseline, batch {min(batches)} (median)")
+        ax.set_ylabel("all three attributes right, trained prompts (%)")
+        ax.legend(fontsize=8)
+        ax.set_title(f"Speed and quality over the step cache's N — {s['model']}", fontsize=10)
+        _save(fig, out / PLOTS[2])
+        plt.close(fig)
+        written.append(out / PLOTS[2])
+    return written
+
+
+def speed_quality_points(doc: dict) -> dict[str, list[tuple[int, float, float]]]:
+    """Per runner without its +cacheN suffix: (N, speed-up at the smallest batch, trained accuracy %),
+    for the runners that were evaluated; only runners of which some N > 1 ran."""
+    batch = min(r["batch_size"] for r in doc["runs"])
+    speed = {r["backend"]: r["speedup_vs_baseline"] for r in doc["runs"] if r["batch_size"] == batch}
+    points: dict[str, list] = {}
+    for name, runner in doc.get("runners", {}).items():
+        accuracy = (runner.get("accuracy") or {}).get("summary", {}).get("trained")
+        if accuracy is None or speed.get(name) is None:
+            continue
+        base, _, cache = name.partition("+cache")
+        right = 100 * accuracy["attribute_accuracy"]
+        points.setdefault(base, []).append((int(cache or 1), speed[name], right))
+    return {base: sorted(p) for base, p in points.items() if any(n > 1 for n, _, _ in p)}

@@ -8,7 +8,8 @@ silently shorter table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from importlib.util import find_spec
 
 from unclip.errors import UnclipError
@@ -24,14 +25,24 @@ EXPORTED = ("onnxruntime", "openvino", "tensorrt")  # backends that serve an ONN
 class RunnerSpec:
     backend: str
     dtype: str | None  # None: set by the artifact (a TensorRT engine's precision is fixed when built)
+    step_cache: int = 1  # a full decoder step every N (unclip.load's step_cache); 1: off
 
     @property
     def name(self) -> str:
-        return self.backend if self.dtype is None else f"{self.backend}-{self.dtype}"
+        base = self.backend if self.dtype is None else f"{self.backend}-{self.dtype}"
+        return base if self.step_cache == 1 else f"{base}+cache{self.step_cache}"
 
 
 def parse_runner(text: str, known_backends: tuple[str, ...]) -> RunnerSpec:
-    """`torch-bf16` -> (torch, bf16); a bare backend name is its fp32 runner (tensorrt: its engine's)."""
+    """`torch-bf16` -> (torch, bf16); a bare backend name is its fp32 runner (tensorrt: its engine's);
+    `+cacheN` runs it with the decoder's step cache (`onnxruntime-fp32+cache2`)."""
+    text, plus, cache = text.partition("+")
+    if plus:
+        match = re.fullmatch(r"cache([2-8])", cache)
+        if match is None:
+            raise UnclipError(f"--backends {text}+{cache}: a runner's suffix is +cacheN with N from 2 to 8 "
+                              "(a full decoder step every N steps), e.g. torch-fp32+cache2")
+        return replace(parse_runner(text, known_backends), step_cache=int(match.group(1)))
     backend, _, dtype = text.partition("-")
     if backend not in known_backends:
         raise UnclipError(f"--backends: unknown backend {backend!r} in {text!r}; choose from "

@@ -200,7 +200,8 @@ def run_suite(cfg: BenchConfig, argv: list[str], progress: bool = True, keep_goi
             backend = BASELINE if name == BASELINE else specs[name].backend
             if name != BASELINE:
                 bar.set_postfix_str(f"exporting for {name}" if backend in artifacts.EXPORTERS else "")
-            model, export_s, cached = artifacts.prepare(backend, cfg.model, cfg.cache_dir)
+            step_cache = name != BASELINE and specs[name].step_cache > 1
+            model, export_s, cached = artifacts.prepare(backend, cfg.model, cfg.cache_dir, step_cache)
             models[name] = model
             results.runners[name] = {"model": model, "export_s": export_s, "export_cached": cached}
         first_images = {}
@@ -209,7 +210,8 @@ def run_suite(cfg: BenchConfig, argv: list[str], progress: bool = True, keep_goi
             spec = {"runner": name, "model": models[name], "device": cfg.device, "settings": cfg.settings,
                     "prompt": cfg.prompt, "seed": cfg.seed}
             if name != BASELINE:
-                spec.update(backend=specs[name].backend, dtype=specs[name].dtype)
+                spec.update(backend=specs[name].backend, dtype=specs[name].dtype,
+                            step_cache=specs[name].step_cache)
             t0 = time.perf_counter()
             workers[name] = Worker(name, spec)
             reply = call(name, "cold_start")

@@ -53,7 +53,8 @@ class Runner:
 
             dtype = self.spec["dtype"] or "fp32"  # None: the artifact's own precision (TensorRT)
             self.pipe = unclip.load(self.spec["model"], backend=self.spec["backend"],
-                                    device=self.spec["device"], dtype=dtype)
+                                    device=self.spec["device"], dtype=dtype,
+                                    step_cache=self.spec.get("step_cache", 1))
             self.pipe.backend = TimedBackend(self.pipe.backend, self.timeline)
 
     def generate(self, batch: int) -> list:
@@ -113,11 +114,15 @@ class Runner:
     def cmd_flops(self, keys: list[list]) -> dict:
         """FLOPs of one call of each (network, rows), counted on our adapters of the loaded networks."""
         from unclip.models.networks import adapters, model_dims
+        from unclip.models.step_cache import cached_adapters, cached_specs, feature_channels
         from unclip.specs import example_inputs, network_specs
 
         dims = model_dims(self.components)
         specs = network_specs(dims)
         modules = adapters(self.components)
+        if any(network.startswith("decoder_") for network, _ in keys):  # the step cache's pair
+            specs.update(cached_specs(specs["decoder"], feature_channels(self.components.decoder)))
+            modules.update(cached_adapters(modules["decoder"]))
         out = []
         for network, rows in keys:
             inputs = example_inputs(specs[network], dims, rows, torch.Generator().manual_seed(0))

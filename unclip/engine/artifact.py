@@ -44,6 +44,8 @@ class Artifact:
     constants: dict[str, torch.Tensor]
     sampler_defaults: dict = field(default_factory=dict)
     image_preprocess: ImagePreprocess | None = None  # with an image encoder
+    # the networks it holds: the spec table's, plus the step cache's pair when it was exported with it
+    specs: dict[str, NetworkSpec] = field(default_factory=dict)
 
     def network_path(self, network: str) -> Path:
         return self.folder / self.manifest["networks"][network]["file"]
@@ -62,7 +64,7 @@ def load_artifact(folder: str | Path) -> Artifact:
     layout.verify_files(folder, manifest)
     configs = manifest["configs"]
     dims = _model_dims(folder / configs["model_dims"])
-    specs = network_specs(dims)
+    specs = artifact_specs(folder, manifest, dims)
     _check_networks(folder, manifest, specs)
     schedulers = _schedulers(folder / configs["schedulers"], dims)
     constants = _constants(folder / configs["constants"], dims)
@@ -71,7 +73,31 @@ def load_artifact(folder: str | Path) -> Artifact:
         raise UnclipError(f"{folder / configs['tokenizer']} pads to {tokenizer.model_max_length} tokens, but "
                           f"the networks were exported for {dims.text_len}; {layout.REEXPORT_HINT}")
     return Artifact(folder, manifest, dims, schedulers, tokenizer, constants, read_sampler_defaults(folder),
-                    _image_preprocess(folder, configs, dims))
+                    _image_preprocess(folder, configs, dims), specs)
+
+
+def artifact_specs(folder: Path, manifest: dict, dims: ModelDims) -> dict[str, NetworkSpec]:
+    """The spec table of `dims`, plus the step cache's two decoder networks when the manifest lists them
+    (`unclip export onnx --step-cache`): their specs follow from the decoder's and the channels of
+    the deep features, which only the manifest records (checked against the graphs after this)."""
+    from unclip.models.step_cache import CACHED, FEATURES, cached_specs
+
+    specs = network_specs(dims)
+    present = [name for name in CACHED if name in manifest["networks"]]
+    if not present:
+        return specs
+    where = Path(folder) / layout.MANIFEST
+    if len(present) < len(CACHED):
+        missing = next(name for name in CACHED if name not in present)
+        raise UnclipError(f"{where}: networks has {present[0]} but not {missing}; the step cache needs both "
+                          f"(`unclip export onnx --step-cache`): {layout.REEXPORT_HINT}")
+    shapes = [t["shape"] for t in manifest["networks"]["decoder_full"]["outputs"] if t["name"] == FEATURES]
+    channels = shapes[0][1] if shapes and len(shapes[0]) > 1 else None
+    if not isinstance(channels, int) or "decoder" not in specs:
+        raise UnclipError(f"{where}: networks.decoder_full has no output {FEATURES} with a fixed channel "
+                          f"count; {layout.REEXPORT_HINT}")
+    specs.update(cached_specs(specs["decoder"], channels))
+    return specs
 
 
 def _image_preprocess(folder: Path, configs: dict, dims: ModelDims) -> ImagePreprocess | None:
@@ -214,10 +240,11 @@ def _constants(path: Path, dims: ModelDims) -> dict[str, torch.Tensor]:
     return constants
 
 
-def artifact_pipeline(folder: str | Path, backend: str, make_backend, make_runner=None):
+def artifact_pipeline(folder: str | Path, backend: str, make_backend, make_runner=None, step_cache: int = 1):
     """A Pipeline over an artifact folder, its networks run by `make_backend(artifact)` (and its
     stage loops by `make_runner(backend)`, if given): what every backend that serves an export
-    (onnxruntime, openvino, tensorrt) shares."""
+    (onnxruntime, openvino, tensorrt) shares. `step_cache` > 1 needs an artifact exported with
+    `--step-cache` (Pipeline checks the backend has the pair)."""
     from unclip.engine.pipeline import Pipeline
 
     folder = Path(folder)
@@ -229,4 +256,5 @@ def artifact_pipeline(folder: str | Path, backend: str, make_backend, make_runne
     return Pipeline(runtime, artifact.tokenizer, artifact.dims, artifact.schedulers,
                     model_name=artifact.manifest["source_model"]["name"],
                     stage_runner=make_runner(runtime) if make_runner else None,
-                    sampler_defaults=artifact.sampler_defaults, image_preprocess=artifact.image_preprocess)
+                    sampler_defaults=artifact.sampler_defaults, image_preprocess=artifact.image_preprocess,
+                    step_cache=step_cache)

@@ -59,7 +59,7 @@ class StageRunner:
         self.capture = capture
         self.kernels = kernels
         self.dtype = getattr(backend, "dtype", torch.float32)
-        self.buffers: dict[tuple, StageBuffers] = {}  # keyed by (stage, batch, steps, guided)
+        self.buffers: dict[tuple, StageBuffers] = {}  # keyed by (stage, batch, step networks, guided)
         self._pool = None  # one memory pool for all graphs: they are never replayed concurrently
         self._stream = None  # where every warm-up and capture runs
 
@@ -70,7 +70,7 @@ class StageRunner:
         """The stage's final latents, from initial latents `x` and per-step `noise`; `networks`
         names the network of each step; `channels` splits a decoder's eps from its variance."""
         spec = GuidanceStep(config, guided=guidance is not None, channels=channels)
-        key = (stage, x.shape[0], len(networks), spec.guided)
+        key = (stage, x.shape[0], tuple(networks), spec.guided)
         buffers = self.buffers.get(key)
         if buffers is None:
             buffers = self.buffers[key] = self._allocate(x, noise, table, conditioning)
@@ -118,11 +118,14 @@ class StageRunner:
 
     def _steps(self, b: StageBuffers, spec: GuidanceStep, networks: list[str]) -> None:
         run = getattr(self.backend, "run_native", self.backend.run)  # half outputs for the fused step
+        carried = {}  # a full step's extra outputs (the step cache's features), for the shallow steps
         for network in networks:
             x_in = torch.cat([b.x, b.x]) if spec.guided else b.x
             timestep = b.table.timesteps.index_select(0, b.step).expand(x_in.shape[0])
-            out = run(network, sample=x_in, timestep=timestep, **b.conditioning)
-            model_output = next(iter(out.values()))  # prior, decoder and super-res have one output
+            out = run(network, sample=x_in, timestep=timestep, **b.conditioning, **carried)
+            first = self.backend.specs[network].output_names[0]
+            model_output = out[first]  # the prediction; anything else is carried to later steps
+            carried.update({k: v for k, v in out.items() if k != first})
             if self.kernels and step_kernels.runs_on(b.x):
                 step_kernels.guidance_step_triton(spec, b.table, b.step, model_output.contiguous(), b.x,
                                                   b.noise, b.guidance, out=b.x)

@@ -13,12 +13,14 @@ from unclip.engine.cuda_graphs import StageRunner
 from unclip.engine.precision import PrecisionBackend
 
 UNETS = ("decoder", "super_res_first", "super_res_last")  # the networks built of resnet blocks
+CACHED = ("decoder_full", "decoder_shallow")  # the step cache's pair: the decoder's own modules
 
 
 def fast_path(backend, dtype: str, cuda_graphs: bool, kernels: bool):
     """(backend, stage runner or None) for a TorchBackend; options are checked by the caller."""
     if dtype != "fp32":
-        channels_last = UNETS if backend.device.type == "cpu" else ()  # measured on CPU only (docs/cpu.md)
+        # channels-last measured faster on CPU only (docs/cpu.md)
+        channels_last = UNETS + CACHED if backend.device.type == "cpu" else ()
         backend = PrecisionBackend(backend, dtype, channels_last=channels_last)
     if kernels:
         from unclip.kernels.group_norm_silu import fuse_group_norm_silu

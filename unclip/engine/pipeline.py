@@ -35,6 +35,7 @@ from unclip.engine.settings import (
     check_seed,
 )
 from unclip.errors import GenerationError, UnclipError
+from unclip.models.step_cache import schedule
 from unclip.specs import ModelDims
 
 log = logging.getLogger("unclip")
@@ -79,8 +80,10 @@ class Pipeline:
     def __init__(self, backend: Backend, tokenizer, dims: ModelDims,
                  schedulers: dict[str, SchedulerConfig], model_name: str = "unnamed",
                  stage_runner=None, sampler_defaults: dict | None = None, limits: Limits | None = None,
-                 image_preprocess: ImagePreprocess | None = None):
+                 image_preprocess: ImagePreprocess | None = None, step_cache: int = 1):
         self.backend = backend
+        # the decoder's step cache (unclip.models.step_cache): a full step every `step_cache` steps
+        self.step_cache = check_step_cache(step_cache, backend)
         self.image_preprocess = image_preprocess  # how images reach the image encoder (None: it has none)
         # what generate() uses for settings the caller leaves out: the model's, then Karlo's; and
         # vary/interpolate/text_diff: the model's image_conditioned section over those
@@ -235,8 +238,9 @@ class Pipeline:
         x, noise = batch.draw((c, size, size), table.has_noise, self.device)
         conditioning = dict(decoder_hidden=decoder_hidden, decoder_time_embeds=decoder_time,
                             text_mask=text.rows(guided)[2])
+        networks = schedule(s.decoder_steps, self.step_cache)
         x, _ = self._denoise(
-            "decoder", batch, x, noise, config, table, ["decoder"] * s.decoder_steps, conditioning,
+            "decoder", batch, x, noise, config, table, networks, conditioning,
             s.decoder_guidance if guided else None, c, progress, on_step, previews=True)
         x = x.clamp(-1, 1)
         self._check_finite("decoder", x)
@@ -269,14 +273,16 @@ class Pipeline:
         requests get the step's prediction of the clean image at their partial steps (the eager loop
         only: a stage captured whole has no steps to look between)."""
         guided, kept = guidance is not None, None
+        carried: dict[str, torch.Tensor] = {}  # a full step's extra outputs (the step cache's features)
 
         def drop_departed() -> None:  # between steps: the rows of cancelled requests leave every tensor
-            nonlocal x, noise, conditioning, kept
+            nonlocal x, noise, conditioning, carried, kept
             keep = batch.poll()
             if keep is not None:
                 x = take_rows(x, keep, guided=False)
                 noise = [None if n is None else take_rows(n, keep, guided=False) for n in noise]
                 conditioning = {k: take_rows(v, keep, guided) for k, v in conditioning.items()}
+                carried = {k: take_rows(v, keep, guided) for k, v in carried.items()}
                 kept = keep if kept is None else kept[keep]
 
         if self.stage_runner is not None:  # the whole loop at once (a CUDA graph): leave between stages
@@ -294,8 +300,10 @@ class Pipeline:
             if not batch.active:
                 break
             x_in = torch.cat([x, x]) if guided else x
-            out = self.backend.run(network, sample=x_in, timestep=table.timesteps[i].expand(len(x_in)),
-                                   **conditioning)[output[network]]
+            outputs = self.backend.run(network, sample=x_in, timestep=table.timesteps[i].expand(len(x_in)),
+                                       **conditioning, **carried)
+            out = outputs[output[network]]
+            carried.update({k: v for k, v in outputs.items() if k != output[network]})
             if guided:
                 uncond, cond = out.chunk(2)
                 if channels is not None:  # the variance comes from the conditional rows
@@ -420,3 +428,24 @@ class Pipeline:
             precision = getattr(self.backend, "precision", "fp32")
             raise GenerationError(f"the {stage} stage produced non-finite values (precision {precision}, "
                               f"batch {x.shape[0]}); use --dtype fp32 or a smaller guidance scale")
+
+
+MAX_STEP_CACHE = 8
+
+
+def check_step_cache(step_cache, backend) -> int:
+    """`step_cache` (1: off) as an int, or an UnclipError naming the fix."""
+    if isinstance(step_cache, bool) or not isinstance(step_cache, int) \
+            or not 1 <= step_cache <= MAX_STEP_CACHE:
+        raise UnclipError(f"step_cache must be an integer from 1 (off) to {MAX_STEP_CACHE} (a full decoder "
+                          f"step every N steps), got {step_cache!r}", param="step_cache")
+    if step_cache > 1 and "decoder_shallow" not in backend.specs:
+        if backend.name == "torch":
+            fix = "its decoder UNet has one level, nothing deeper to cache: drop --step-cache"
+        else:
+            fix = ("this artifact was exported without it: re-export with `unclip export onnx --step-cache`, "
+                   "or drop --step-cache")
+        raise UnclipError(f"step_cache={step_cache} needs the decoder's cached pair (decoder_full, "
+                          f"decoder_shallow), which the {backend.name} backend of this model does not have; "
+                          f"{fix}", param="step_cache")
+    return step_cache

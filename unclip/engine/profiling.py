@@ -20,6 +20,7 @@ import torch
 STAGE_OF_NETWORK = {
     "text_encoder": "text_encoder", "image_encoder": "text_encoder",  # the encoders of the conditioning
     "prior": "prior", "text_proj": "decoder", "decoder": "decoder",
+    "decoder_full": "decoder", "decoder_shallow": "decoder",  # the step cache's pair
     "super_res_first": "super_res", "super_res_last": "super_res",
 }
 STAGES = ("text_encoder", "prior", "decoder", "super_res", "post_processing")

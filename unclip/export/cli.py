@@ -37,15 +37,18 @@ def export() -> None:
               help="batch sizes to validate each network at against PyTorch")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of a preset's random weights")
 @click.option("--allow-pickle", is_flag=True, help="allow pickle (.bin) weights, which can run code")
+@click.option("--step-cache", is_flag=True,
+              help="also export the decoder's step-cache pair (decoder_full, decoder_shallow), so the "
+                   "artifact runs with step_cache=N")
 def onnx(model: str, out: Path, precision: str, opset: int, batch_sizes: str, seed: int,
-         allow_pickle: bool) -> None:
+         allow_pickle: bool, step_cache: bool) -> None:
     """Export every network to ONNX in OUT: validated, with manifest.json, tokenizer and configs."""
     from unclip.export.onnx_export import check_export_args, export_onnx
 
     sizes = parse_batch_sizes(batch_sizes)
     check_export_args(precision, opset, sizes)
     manifest = export_onnx(model, out, precision=precision, opset=opset, batch_sizes=sizes,
-                           allow_pickle=allow_pickle, seed=seed)
+                           allow_pickle=allow_pickle, seed=seed, step_cache=step_cache)
     for name, entry in manifest["networks"].items():
         worst = max(e["max_abs"] for errors in entry["validation"].values() for e in errors.values())
         trt = ", ".join(entry["tensorrt_unsupported_ops"]) or "none"

@@ -42,14 +42,38 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
     output_types = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}  # converted in place
     _infer_shapes_without_weights(model)  # the converter's own inference cannot pass 2 GB
+    block_ops, block_nodes = float16.DEFAULT_OP_BLOCK_LIST + FRAGILE_OPS, timestep_subgraph(model)
+    cast_outputs = {out for node in model.graph.node if node.op_type == "Cast" for out in node.output}
     with warnings.catch_warnings():  # one warning per weight below fp16's smallest normal: expected
         warnings.simplefilter("ignore", UserWarning)
         half = float16.convert_float_to_float16(
-            model, keep_io_types=True, op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FRAGILE_OPS,
-            node_block_list=timestep_subgraph(model), disable_shape_infer=True)
+            model, keep_io_types=True, op_block_list=block_ops, node_block_list=block_nodes,
+            disable_shape_infer=True)
     _fix_casts_to_float(half)
+    _feed_half_consumers_of_outputs(half, set(block_ops), set(block_nodes), cast_outputs)
     _restore_output_types(output_types, half)
     return half
+
+
+def _feed_half_consumers_of_outputs(half: onnx.ModelProto, block_ops: set[str], block_nodes: set[str],
+                                    cast_outputs: set[str]) -> None:
+    """keep_io_types ends an output in a Cast to fp32 but leaves the output's name as the input of the
+    nodes inside the graph that also read it (the step cache's decoder_full returns its deep features
+    and feeds them on to its last up block): those converted to fp16 must read the Cast's fp16 input
+    instead, or ORT rejects the graph for mixed types; nodes kept in fp32 keep the fp32 output.
+    `cast_outputs`: outputs a Cast made before the conversion (not the converter's: left alone)."""
+    producers = {out: node for node in half.graph.node for out in node.output}
+    for output in half.graph.output:
+        cast = producers.get(output.name)
+        if (cast is None or cast.op_type != "Cast" or output.name in cast_outputs
+                or onnx.helper.get_attribute_value(cast.attribute[0]) != onnx.TensorProto.FLOAT):
+            continue  # not the converter's fp16 -> fp32 cast at an output (a blocked node's is fp32 -> fp16)
+        source = cast.input[0]
+        for node in half.graph.node:
+            blocked = (node.op_type in block_ops and node.op_type != "Cast") or node.name in block_nodes
+            if node is cast or blocked:
+                continue
+            node.input[:] = [source if i == output.name else i for i in node.input]
 
 
 def _restore_output_types(want: dict[str, int], half: onnx.ModelProto) -> None:

@@ -6,7 +6,8 @@ serving process reads manifests with the standard library and pydantic.
 
     DIR/
       manifest.json           what is here, how it was made, how well it matched PyTorch
-      <network>.onnx          one per network in the spec table (+ <network>.onnx.data when > 2 GB)
+      <network>.onnx          one per network in the spec table (+ <network>.onnx.data when > 2 GB);
+                              with `--step-cache` also decoder_full.onnx and decoder_shallow.onnx
       model_dims.json         ModelDims.to_dict(): the sizes the runtime allocates buffers from
       schedulers.json         {prior|decoder|super_res}_scheduler -> SchedulerConfig.to_dict()
       constants.safetensors   tensors the sampling loop needs itself (the prior's clip_mean / clip_std)

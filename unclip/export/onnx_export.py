@@ -51,8 +51,11 @@ def check_export_args(precision: str, opset: int, batch_sizes: tuple[int, ...] |
 
 def export_onnx(model: str | Path, out: str | Path, precision: str = "fp32", opset: int = DEFAULT_OPSET,
                 batch_sizes: tuple[int, ...] | list[int] = DEFAULT_BATCH_SIZES, allow_pickle: bool = False,
-                seed: int = 0, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict:
-    """Export every network of `model` (a checkpoint folder or a preset) into `out`; returns the manifest."""
+                seed: int = 0, external_data_bytes: int = EXTERNAL_DATA_BYTES,
+                step_cache: bool = False) -> dict:
+    """Export every network of `model` (a checkpoint folder or a preset) into `out`; returns the manifest.
+    `step_cache` also exports the step cache's decoder pair, decoder_full and decoder_shallow
+    (unclip.models.step_cache), so the exported model can run with `step_cache=N`."""
     from unclip.models import load_model
     from unclip.models.networks import adapters, model_dims
     from unclip.specs import network_specs
@@ -64,6 +67,8 @@ def export_onnx(model: str | Path, out: str | Path, precision: str = "fp32", ops
     dims = model_dims(components)
     specs = network_specs(dims)
     modules = adapters(components)
+    if step_cache:
+        add_step_cache_pair(components, specs, modules)
     with layout.staged_folder(out) as tmp:
         networks = {}
         for i, (name, spec) in enumerate(specs.items(), 1):
@@ -99,6 +104,22 @@ def export_onnx(model: str | Path, out: str | Path, precision: str = "fp32", ops
         load_artifact(tmp)  # the runtime must accept what we wrote: schema, hashes, tensors, precision
     log.info("wrote %s", out)
     return manifest
+
+
+def add_step_cache_pair(components, specs: dict, modules: dict) -> None:
+    """The step cache's two networks, built on the decoder's own adapter (the same weights), and their
+    specs; a decoder with one level has no deep part to cache: a one-line error before any export."""
+    from unclip.models.step_cache import cached_adapters, cached_specs, feature_channels
+
+    try:
+        channels = feature_channels(components.decoder)
+    except ValueError:
+        levels = len(components.decoder.config.block_out_channels)
+        raise UnclipError(f"--step-cache needs a decoder UNet with more than one level, and "
+                          f"{components.name}'s has {levels} (nothing deeper to cache): export without "
+                          "--step-cache") from None
+    modules.update(cached_adapters(modules["decoder"]))
+    specs.update(cached_specs(specs["decoder"], channels))
 
 
 def export_network(module: torch.nn.Module, spec, dims, folder: Path, precision: str, opset: int,

@@ -38,7 +38,27 @@ def trace_network(module: torch.nn.Module, spec: NetworkSpec, dims: ModelDims, o
                           input_names=spec.input_names, output_names=spec.output_names,
                           dynamic_axes=dynamic_axes(spec), opset_version=opset,
                           do_constant_folding=True, **kwargs)
-        return onnx.load(str(path))  # pulls in any external data torch wrote next to it
+        return restore_unused_inputs(onnx.load(str(path)), spec)  # pulls in any external data torch wrote
+
+
+ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+              "int64": onnx.TensorProto.INT64, "bool": onnx.TensorProto.BOOL}
+
+
+def restore_unused_inputs(model: onnx.ModelProto, spec: NetworkSpec) -> onnx.ModelProto:
+    """The tracer drops inputs that no node reads (decoder_shallow's text_mask, where the decoder's
+    outermost levels have no attention); the spec table is the contract every runtime binds by, so
+    they come back, in the spec's order, as graph inputs that no node reads (valid ONNX)."""
+    traced = {value.name: value for value in model.graph.input}
+    if all(name in traced for name in spec.input_names):
+        return model
+    inputs = [traced[t.name] if t.name in traced
+              else onnx.helper.make_tensor_value_info(t.name, ONNX_TYPES[t.dtype], list(t.shape))
+              for t in spec.inputs]
+    others = [value for name, value in traced.items() if name not in spec.input_names]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs + others)
+    return model
 
 
 def stamp_io_shapes(model: onnx.ModelProto, spec: NetworkSpec) -> onnx.ModelProto:

@@ -47,6 +47,9 @@ ROWS = {
     "super_res_first": (lambda b: b, lambda b: b),
     "super_res_last": (lambda b: b, lambda b: b),
 }
+# networks that take another's rows: the step cache's pair (`unclip export onnx --step-cache`) replaces
+# the decoder's calls one for one
+SAME_ROWS = {"decoder_full": "decoder", "decoder_shallow": "decoder"}
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,11 @@ def profile_for(network: str, batch_sizes: list[int]) -> Profile:
     """min: the smallest call without guidance (one prompt for the text encoder and one image for
     the image encoder, which may see a single input whatever B is, as num_images repeats rows after
     them); opt: the middle batch size, guided; max: the largest batch size, guided."""
-    if network not in ROWS:
-        raise UnclipError(f"no batch rule for network {network!r}; known: {', '.join(ROWS)}")
+    rule = SAME_ROWS.get(network, network)
+    if rule not in ROWS:
+        raise UnclipError(f"no batch rule for network {network!r}; known: {', '.join([*ROWS, *SAME_ROWS])}")
     sizes = sorted(set(batch_sizes))
-    guided, unguided = ROWS[network]
+    guided, unguided = ROWS[rule]
     low = 1 if network in ("text_encoder", "image_encoder") else unguided(sizes[0])
     return Profile(min=low, opt=guided(sizes[len(sizes) // 2]), max=guided(sizes[-1]))
 

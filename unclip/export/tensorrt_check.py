@@ -120,10 +120,9 @@ def check_engines(folder) -> tuple[list[CheckRow], str]:
 
     from unclip.engine.artifact import load_artifact
     from unclip.export import tensorrt_cache as cache
-    from unclip.specs import network_specs
 
     artifact = load_artifact(folder)
-    manifest, specs = artifact.manifest, network_specs(artifact.dims)
+    manifest, specs = artifact.manifest, artifact.specs  # with the step cache's pair where exported
     precision = manifest["precision"]
     paths = cache.require_engines(artifact.folder, manifest, list(specs), precision, cache.current_target())
     rows = []

@@ -20,8 +20,9 @@ RAY_MAX_WAIT_MS = 50.0
 MAX_WAIT_MS = 10.0
 
 
-FIRST = ("model", "backend", "device", "dtype", "cuda_graphs", "kernels", "allow_pickle", "served_model_name",
-         "host", "port", "api_key", "api_key_file", "allow_unauthenticated", "metrics_port")  # then the rest
+FIRST = ("model", "backend", "device", "dtype", "cuda_graphs", "kernels", "step_cache", "allow_pickle",
+         "served_model_name", "host", "port", "api_key", "api_key_file", "allow_unauthenticated",
+         "metrics_port")  # then the rest
 
 
 @click.command()

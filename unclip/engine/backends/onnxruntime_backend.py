@@ -49,11 +49,9 @@ class OnnxRuntimeBackend:
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu"):
         import onnxruntime as ort
 
-        from unclip.specs import network_specs
-
         self.device = torch.device(device)
         self.dims = artifact.dims
-        self.specs = network_specs(artifact.dims)
+        self.specs = dict(artifact.specs)  # with the step cache's pair when the artifact has it
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise UnclipError("--device cuda with --backend onnxruntime needs onnxruntime-gpu "
@@ -107,6 +105,8 @@ class OnnxRuntimeBackend:
         return self._constants
 
 
-def load_onnxruntime_pipeline(folder: str | Path, device: str = "cpu"):
-    """A Pipeline over an artifact folder (made by `unclip export onnx`)."""
-    return artifact_pipeline(folder, "onnxruntime", lambda artifact: OnnxRuntimeBackend(artifact, device))
+def load_onnxruntime_pipeline(folder: str | Path, device: str = "cpu", step_cache: int = 1):
+    """A Pipeline over an artifact folder (made by `unclip export onnx`); `step_cache` > 1 needs one
+    exported with `--step-cache`."""
+    return artifact_pipeline(folder, "onnxruntime", lambda artifact: OnnxRuntimeBackend(artifact, device),
+                             step_cache=step_cache)

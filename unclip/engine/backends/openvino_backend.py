@@ -23,7 +23,8 @@ from unclip.engine.artifact import Artifact, artifact_pipeline
 from unclip.errors import UnclipError
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our name -> OpenVINO's INFERENCE_PRECISION_HINT
-HALF_NETWORKS = ("decoder", "super_res_first", "super_res_last")  # what "bf16" runs in bf16
+# what "bf16" runs in bf16: the UNets, and the step cache's pair (the decoder's own layers) where exported
+HALF_NETWORKS = ("decoder", "super_res_first", "super_res_last", "decoder_full", "decoder_shallow")
 # LATENCY: one stream, all cores on one request, which is how the sampling loop calls a network.
 # Threads: OpenVINO's default (one per core). Its TBB workers sleep when idle instead of spinning,
 # so it does not fight other processes for the CPU the way a spinning OpenMP pool does (docs/cpu.md).
@@ -57,8 +58,6 @@ class OpenVinoBackend:
     name = "openvino"
 
     def __init__(self, artifact: Artifact, precision: str = "fp32", device: str | torch.device = "cpu"):
-        from unclip.specs import network_specs
-
         ov = import_openvino()
         self.device = torch.device(device)
         if self.device.type != "cpu":
@@ -68,7 +67,7 @@ class OpenVinoBackend:
         check_precision(core, precision)
         self.precision = precision
         self.dims = artifact.dims
-        self.specs = network_specs(artifact.dims)
+        self.specs = dict(artifact.specs)  # with the step cache's pair when the artifact has it
         self.requests = {}
         for name in self.specs:
             hint = PRECISIONS[precision] if name in HALF_NETWORKS else "f32"
@@ -92,7 +91,10 @@ class OpenVinoBackend:
         return self._constants
 
 
-def load_openvino_pipeline(folder: str | Path, precision: str = "fp32", device: str = "cpu"):
-    """A Pipeline over an artifact folder (made by `unclip export onnx`), run by OpenVINO."""
+def load_openvino_pipeline(folder: str | Path, precision: str = "fp32", device: str = "cpu",
+                           step_cache: int = 1):
+    """A Pipeline over an artifact folder (made by `unclip export onnx`), run by OpenVINO; `step_cache`
+    > 1 needs one exported with `--step-cache`."""
     return artifact_pipeline(folder, "openvino",
-                             lambda artifact: OpenVinoBackend(artifact, precision, device))
+                             lambda artifact: OpenVinoBackend(artifact, precision, device),
+                             step_cache=step_cache)

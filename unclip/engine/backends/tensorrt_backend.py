@@ -26,14 +26,13 @@ class TensorRTBackend:
 
     def __init__(self, artifact: Artifact, device: str | torch.device = "cuda"):
         from unclip.export.tensorrt_build import import_tensorrt
-        from unclip.specs import network_specs
 
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise UnclipError("--backend tensorrt runs on the GPU only: use --device cuda "
                               "(or --backend onnxruntime on CPU)")
         target = tensorrt_cache.current_target(self.device.index)
-        self.specs = network_specs(artifact.dims)
+        self.specs = dict(artifact.specs)  # with the step cache's pair when the artifact has it
         self.dims = artifact.dims
         precision = artifact.manifest["precision"]
         paths = tensorrt_cache.require_engines(artifact.folder, artifact.manifest, list(self.specs),
@@ -45,6 +44,7 @@ class TensorRTBackend:
         from polygraphy.exception import PolygraphyException
 
         self.engines, self.contexts = {}, {}
+        self._inputs = {}  # per network, the spec inputs its engine takes (TensorRT may prune unused ones)
         with torch.cuda.device(self.device), polygraphy_log() as errors:
             for name, path in paths.items():
                 try:
@@ -73,9 +73,13 @@ class TensorRTBackend:
                              DataType.from_dtype(engine.get_tensor_dtype(tensor)).name)
         want = {t.name: (True, t.dtype) for t in spec.inputs}
         want.update({t.name: (False, t.dtype) for t in spec.outputs})
-        if found != want:
+        # an input no layer reads may be left out of the engine (decoder_shallow's text_mask where the
+        # decoder's outer levels have no attention): nothing to bind for it, every other tensor must match
+        unused = {t.name for t in spec.inputs if t.name not in found}
+        if found != {k: v for k, v in want.items() if k not in unused} or len(unused) == len(spec.inputs):
             raise UnclipError(f"{path} has tensors {found}, the spec of {name} is {want}; "
                               f"re-export the ONNX files and rebuild the engines")
+        self._inputs[name] = [t for t in spec.inputs if t.name not in unused]
 
     def _context(self, network: str, rows: int):
         context = self.contexts.get((network, rows))
@@ -95,7 +99,7 @@ class TensorRTBackend:
                               f"--batch-sizes ... --rebuild` covering this batch")
         context = self._context(network, rows)
         keep = []  # casts/copies, freed on return: safe, torch's stream waits for TensorRT (enqueue)
-        for t in spec.inputs:
+        for t in self._inputs[network]:
             x = inputs[t.name]
             if x.dtype != DTYPES[t.dtype] or x.device != self.device or not x.is_contiguous():
                 x = x.to(self.device, DTYPES[t.dtype]).contiguous()
@@ -131,10 +135,13 @@ def enqueue(context, current, own, capturing: bool) -> bool:
     return accepted
 
 
-def load_tensorrt_pipeline(folder: str | Path, device: str = "cuda", cuda_graphs: bool = False):
+def load_tensorrt_pipeline(folder: str | Path, device: str = "cuda", cuda_graphs: bool = False,
+                           step_cache: int = 1):
     """A Pipeline over an artifact folder with engines (made by `unclip export tensorrt`);
-    `cuda_graphs` captures each stage's whole loop, engine calls included."""
+    `cuda_graphs` captures each stage's whole loop, engine calls included; `step_cache` > 1 needs
+    an ONNX export made with `--step-cache` (its pair gets engines like every network)."""
     from unclip.engine.cuda_graphs import StageRunner
 
     runner = (lambda backend: StageRunner(backend, capture=True, kernels=False)) if cuda_graphs else None
-    return artifact_pipeline(folder, "tensorrt", lambda artifact: TensorRTBackend(artifact, device), runner)
+    return artifact_pipeline(folder, "tensorrt", lambda artifact: TensorRTBackend(artifact, device), runner,
+                             step_cache=step_cache)

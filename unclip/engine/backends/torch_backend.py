@@ -11,6 +11,7 @@ import torch
 from unclip.engine.cpu_threads import CpuThreadPolicy
 from unclip.models.components import UnclipComponents
 from unclip.models.networks import adapters, model_dims
+from unclip.models.step_cache import cached_adapters, cached_specs, feature_channels
 from unclip.specs import network_specs
 
 
@@ -22,7 +23,11 @@ class TorchBackend:
         self.components = components
         self.dims = model_dims(components)
         self.specs = network_specs(self.dims)
-        self.networks = {k: m.to(self.device).eval() for k, m in adapters(components).items()}
+        networks = adapters(components)
+        if len(components.decoder.config.block_out_channels) > 1:  # the step cache's pair (step_cache.py)
+            networks.update(cached_adapters(networks["decoder"]))
+            self.specs.update(cached_specs(self.specs["decoder"], feature_channels(components.decoder)))
+        self.networks = {k: m.to(self.device).eval() for k, m in networks.items()}
         prior = components.prior  # a variation-only model has none, and no CLIP statistics
         self._constants = {} if prior is None else {"clip_mean": prior.clip_mean.detach().to(self.device),
                                                      "clip_std": prior.clip_std.detach().to(self.device)}

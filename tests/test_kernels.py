@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.triton_interpreter import remote
-from unclip.engine.scheduler import SchedulerConfig, scheduler_step, step_table
+from unclip.engine.scheduler import SchedulerConfig, StepTable, predicted_x0, step_table
 from unclip.kernels.group_norm_silu import (
     GroupNormSiLU,
     SkipIfActivated,
@@ -20,6 +20,23 @@ from unclip.kernels.group_norm_silu import (
     group_norm_silu_reference,
 )
 from unclip.kernels.guidance_step import GuidanceStep, guidance_step_reference
+
+
+def scheduler_step(config: SchedulerConfig, table: StepTable, i: int, model_output: torch.Tensor,
+                   sample: torch.Tensor, noise: torch.Tensor | None,
+                   predicted_variance: torch.Tensor | None = None) -> torch.Tensor:
+    """The oracle: diffusers' UnCLIPScheduler.step in its own per-step form (x_{t_i} -> x_{t_{i+1}}:
+    predict x0, clip it, take the posterior mean, add scaled noise), which the package's one update
+    (guidance_step_reference, and the Triton kernel) must equal."""
+    x0 = predicted_x0(config, table, i, model_output, sample)
+    prev = table.x0_coeff[i] * x0 + table.xt_coeff[i] * sample
+    if not table.has_noise[i]:
+        return prev
+    if config.variance_type == "learned_range" and predicted_variance is not None:
+        frac = (predicted_variance + 1) / 2
+        log_variance = frac * table.max_log[i] + (1 - frac) * table.min_log[i]
+        return prev + (0.5 * log_variance).exp() * noise
+    return prev + table.noise_std[i] * noise
 
 # (sample shape, channels split, guided): prior [B, D]; decoder [B, C, H, W] with eps + variance
 # channels; super-resolution [B, C, H, W] unguided

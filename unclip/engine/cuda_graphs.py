@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from unclip.engine.scheduler import SchedulerConfig, StepTable
-from unclip.kernels import guidance_step as step_kernels
-from unclip.kernels.guidance_step import GuidanceStep, guidance_step_reference
+from unclip.engine.step import StepBody
+from unclip.kernels.guidance_step import GuidanceStep
 
 
 @dataclass
@@ -117,21 +117,10 @@ class StageRunner:
     # -- the loop -------------------------------------------------------------------------------
 
     def _steps(self, b: StageBuffers, spec: GuidanceStep, networks: list[str]) -> None:
-        run = getattr(self.backend, "run_native", self.backend.run)  # half outputs for the fused step
+        body = StepBody(self.backend, self.kernels)  # the eager loop's step body (unclip.engine.step)
         carried = {}  # a full step's extra outputs (the step cache's features), for the shallow steps
         for network in networks:
-            x_in = torch.cat([b.x, b.x]) if spec.guided else b.x
-            timestep = b.table.timesteps.index_select(0, b.step).expand(x_in.shape[0])
-            out = run(network, sample=x_in, timestep=timestep, **b.conditioning, **carried)
-            first = self.backend.specs[network].output_names[0]
-            model_output = out[first]  # the prediction; anything else is carried to later steps
-            carried.update({k: v for k, v in out.items() if k != first})
-            if self.kernels and step_kernels.runs_on(b.x):
-                step_kernels.guidance_step_triton(spec, b.table, b.step, model_output.contiguous(), b.x,
-                                                  b.noise, b.guidance, out=b.x)
-            else:
-                b.x.copy_(guidance_step_reference(spec, b.table, b.step, model_output, b.x, b.noise,
-                                                  b.guidance))
+            body(network, spec, b.table, b.step, b.x, b.noise, b.guidance, b.conditioning, carried, out=b.x)
             b.step.add_(1)
 
     def _capture(self, stage: str, b: StageBuffers, spec: GuidanceStep, networks: list[str]) -> None:

@@ -23,7 +23,7 @@ from unclip.engine.backends import Backend
 from unclip.engine.batch import Batch, PartialCallback, Request, check_partial_images, take_rows
 from unclip.engine.image_input import ImagePreprocess
 from unclip.engine.image_output import convert_images
-from unclip.engine.scheduler import SchedulerConfig, StepTable, predicted_x0, scheduler_step, step_table
+from unclip.engine.scheduler import SchedulerConfig, StepTable, predicted_x0, step_table
 from unclip.engine.settings import (
     IMAGE_CONDITIONED,
     GenerationSettings,
@@ -34,7 +34,9 @@ from unclip.engine.settings import (
     check_schedules,
     check_seed,
 )
+from unclip.engine.step import StepBody, guided_prediction
 from unclip.errors import GenerationError, UnclipError
+from unclip.kernels.guidance_step import GuidanceStep
 from unclip.models.step_cache import schedule
 from unclip.specs import ModelDims
 
@@ -280,7 +282,8 @@ class Pipeline:
             keep = batch.poll()
             if keep is not None:
                 x = take_rows(x, keep, guided=False)
-                noise = [None if n is None else take_rows(n, keep, guided=False) for n in noise]
+                noise = (noise.index_select(1, keep.to(noise.device)) if isinstance(noise, torch.Tensor)
+                         else [None if n is None else take_rows(n, keep, guided=False) for n in noise])
                 conditioning = {k: take_rows(v, keep, guided) for k, v in conditioning.items()}
                 carried = {k: take_rows(v, keep, guided) for k, v in carried.items()}
                 kept = keep if kept is None else kept[keep]
@@ -293,34 +296,25 @@ class Pipeline:
                 if on_step is not None:
                     on_step(stage, len(networks) - 1, x.shape[0])
             return x, kept
-        output = {name: self.backend.specs[name].output_names[0] for name in set(networks)}
+        # the same step body as the stage runner's (unclip.engine.step), one step at a time
+        spec, body = GuidanceStep(config, guided=guided, channels=channels), StepBody(self.backend)
+        scale = torch.tensor([1.0 if guidance is None else guidance], dtype=torch.float32, device=x.device)
+        noise = torch.stack([torch.zeros_like(x) if n is None else n for n in noise])  # [steps, rows, ...]
         label = stage.replace("_", "-")
         for i, network in enumerate(tqdm(networks, desc=label, disable=not progress, leave=False)):
             drop_departed()
             if not batch.active:
                 break
-            x_in = torch.cat([x, x]) if guided else x
-            outputs = self.backend.run(network, sample=x_in, timestep=table.timesteps[i].expand(len(x_in)),
-                                       **conditioning, **carried)
-            out = outputs[output[network]]
-            carried.update({k: v for k, v in outputs.items() if k != output[network]})
-            if guided:
-                uncond, cond = out.chunk(2)
-                if channels is not None:  # the variance comes from the conditional rows
-                    uncond, cond, out = uncond[:, :channels], cond[:, :channels], cond
-                pred = uncond + guidance * (cond - uncond)
-            else:
-                pred = out if channels is None else out[:, :channels]
-            learned = channels is not None and out.shape[1] == 2 * channels  # learned-range variance
+            x_before = x
+            x, model_output = body(network, spec, table, torch.tensor([i], device=x.device), x, noise, scale,
+                                   conditioning, carried)
             wanted = batch.previews_at(i) if previews else ()
             if wanted:
-                x0 = predicted_x0(config, table, i, pred, x)
+                x0 = predicted_x0(config, table, i, guided_prediction(spec, model_output, scale), x_before)
                 for request, start, rows in wanted:
                     self._send_preview(request, x0[start:start + rows])
-            x = scheduler_step(config, table, i, pred, x, noise[i],
-                               predicted_variance=out[:, channels:] if learned else None)
             if on_step is not None:
-                on_step(stage, i, x_in.shape[0])
+                on_step(stage, i, x.shape[0] * (2 if guided else 1))
         return x, kept
 
     # -- image-conditioned generation (unclip.engine.image_conditioned) --------------------------

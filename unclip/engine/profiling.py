@@ -100,6 +100,14 @@ class TimedBackend:
         self.timeline.end()
         return out
 
+    def run_native(self, network: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Timed too: the step body (unclip.engine.step) calls this where the backend has it."""
+        run = getattr(self._backend, "run_native", self._backend.run)
+        self.timeline.begin(network, max(t.shape[0] for t in inputs.values() if t.dim() > 0))
+        out = run(network, **inputs)
+        self.timeline.end()
+        return out
+
     def __getattr__(self, name: str):
         return getattr(self._backend, name)
 

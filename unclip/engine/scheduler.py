@@ -131,24 +131,3 @@ def predicted_x0(config: SchedulerConfig, table: StepTable, i: int, model_output
     if config.clip_sample:
         x0 = torch.clamp(x0, -config.clip_sample_range, config.clip_sample_range)
     return x0
-
-
-def scheduler_step(
-    config: SchedulerConfig,
-    table: StepTable,
-    i: int,
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    noise: torch.Tensor | None,
-    predicted_variance: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x_{t_i} -> x_{t_{i+1}}: predict x0, clip it, take the posterior mean, add scaled noise."""
-    x0 = predicted_x0(config, table, i, model_output, sample)
-    prev = table.x0_coeff[i] * x0 + table.xt_coeff[i] * sample
-    if not table.has_noise[i]:
-        return prev
-    if config.variance_type == "learned_range" and predicted_variance is not None:
-        frac = (predicted_variance + 1) / 2
-        log_variance = frac * table.max_log[i] + (1 - frac) * table.min_log[i]
-        return prev + (0.5 * log_variance).exp() * noise
-    return prev + table.noise_std[i] * noise

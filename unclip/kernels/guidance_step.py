@@ -1,9 +1,10 @@
 """One denoising update after the network call: guidance combine + unCLIP scheduler step + noise.
 
-`guidance_step_reference` is plain torch and reproduces, operation for operation in float32,
-what `Pipeline` does after a network call (the guidance combine) followed by
-`unclip.engine.scheduler.scheduler_step`; on CPU the two agree bit for bit. It is the CPU path
-and the oracle of the Triton kernel `guidance_step_triton`, which does the same in one launch.
+`guidance_step_reference` is plain torch: diffusers' guidance combine and UnCLIPScheduler.step,
+operation for operation in float32 (tests/test_kernels.py holds diffusers' per-step form as its
+oracle; on CPU the two agree bit for bit). It is the update of every path's step body
+(unclip.engine.step) and the oracle of the Triton kernel `guidance_step_triton`, which does the
+same in one launch.
 
 Both read the step index from a device tensor `step` ([1] int64) and the per-step coefficients
 and noise from whole-schedule tables, so a step is a pure function of buffers (CUDA-graph safe).

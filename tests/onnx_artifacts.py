@@ -6,21 +6,24 @@ import json
 import shutil
 from pathlib import Path
 
-_EXPORTED: dict[tuple[str, str], Path] = {}
+_EXPORTED: dict[tuple, Path] = {}
 # Exported with `--step-cache`: the step cache's decoder pair rides along in the shared tiny folders
 # (two small graphs, a few seconds once per session) instead of a second export of its own.
 # `without_pair` makes the folder an export without the flag writes, from a copy.
 STEP_CACHE_PRESETS = ("tiny",)
 
 
-def exported(tmp_path_factory, preset: str, precision: str = "fp32") -> Path:
-    """A read-only-by-convention artifact folder of `preset` (random weights, seed 0)."""
-    from unclip.export.onnx_export import export_onnx
+def exported(tmp_path_factory, preset: str, precision: str = "fp32",
+             batch_sizes: tuple[int, ...] | None = None) -> Path:
+    """A read-only-by-convention artifact folder of `preset` (random weights, seed 0); validated at
+    `batch_sizes` (default: the exporter's)."""
+    from unclip.export.onnx_export import DEFAULT_BATCH_SIZES, export_onnx
 
-    key = (preset, precision)
+    key = (preset, precision, batch_sizes)
     if key not in _EXPORTED:
         out = tmp_path_factory.mktemp(f"onnx_{preset}_{precision}") / "artifact"
-        export_onnx(preset, out, precision=precision, step_cache=preset in STEP_CACHE_PRESETS)
+        export_onnx(preset, out, precision=precision, batch_sizes=batch_sizes or DEFAULT_BATCH_SIZES,
+                    step_cache=preset in STEP_CACHE_PRESETS)
         _EXPORTED[key] = out
     return _EXPORTED[key]
 

@@ -136,8 +136,9 @@ def test_default_generate_draws_the_prompt(tmp_path):
 
 
 def test_demo_accuracy_on_a_subset():
-    """A CI-sized slice of the card's evaluation (same seed and images per prompt: all 6 held-out
-    prompts, the first 6 trained ones) reproduces the recorded scores, and meets the bar."""
+    """A CI-sized slice of the card's evaluation (same seed and images per prompt: the first 3
+    held-out and the first 3 trained prompts; recorded there: 11 of 12 and 8 of 12 right) reproduces
+    the recorded predictions image by image, and meets the bar."""
     import json
 
     from unclip.models import DEMO_FOLDER
@@ -145,7 +146,7 @@ def test_demo_accuracy_on_a_subset():
 
     recorded = json.loads((DEMO_FOLDER / "evaluation.json").read_text())
     by_prompt = {row["prompt"]: row for row in recorded["prompts"]}
-    result = evaluate("demo", trained=6, held_out=6, images_per_prompt=recorded["images_per_prompt"],
+    result = evaluate("demo", trained=3, held_out=3, images_per_prompt=recorded["images_per_prompt"],
                       seed=recorded["seed"])
     assert result["settings"] == recorded["settings"]
     for row in result["prompts"]:

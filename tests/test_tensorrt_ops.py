@@ -53,7 +53,8 @@ def test_reduced_karlo_has_karlos_block_types(karlo_reduced):
 def test_reduced_karlo_fp16_operators_parse_in_tensorrt(karlo_reduced, tmp_path_factory):
     import json
 
-    folder = exported(tmp_path_factory, karlo_reduced, "fp16")
+    # the operators are the point here, not accuracy: validated at batch 1 only
+    folder = exported(tmp_path_factory, karlo_reduced, "fp16", batch_sizes=(1,))
     manifest = json.loads((folder / "manifest.json").read_text())
     assert len(manifest["networks"]) == 6
     for name, entry in manifest["networks"].items():

@@ -320,7 +320,10 @@ def test_backpressure_refuses_the_excess_at_once_and_accepted_requests_finish(tm
     """One replica holding one request and at most two more waiting at the proxy: of 12 clients
     sending at once, the excess gets 429 with the envelope, each before the first accepted
     request is done, and every accepted request succeeds."""
-    slow = dict(prior_steps=3, decoder_steps=150, super_res_steps=2)  # ~1.5 s on tiny: outlasts the burst
+    # ~2.5 s on tiny: outlasts the burst. At 150 steps (~1.5 s) a loaded CI run once saw 5 accepted in
+    # the burst: a client counted as sending before the first answer whose request reached the proxy
+    # only after two slots had freed (12 client threads and Ray's processes on 2 cores)
+    slow = dict(prior_steps=3, decoder_steps=250, super_res_steps=2)
     barrier = threading.Barrier(12)
     events = itertools.count()  # the order of sends and answers across the clients (next() is atomic)
     with ray_server(tmp_path / "serve.log", "--model", "tiny", "--max-batch-images", "1",

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from unclip.engine.cuda_graphs import StageRunner
 from unclip.engine.precision import PrecisionBackend
+from unclip.models.step_cache import CACHED  # the step cache's pair: the decoder's own modules
 
 UNETS = ("decoder", "super_res_first", "super_res_last")  # the networks built of resnet blocks
-CACHED = ("decoder_full", "decoder_shallow")  # the step cache's pair: the decoder's own modules
 
 
 def fast_path(backend, dtype: str, cuda_graphs: bool, kernels: bool):

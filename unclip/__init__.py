@@ -10,7 +10,7 @@ from unclip.errors import GenerationError, UnclipError
 __version__ = "0.1.0"
 __all__ = ["GenerationError", "Limits", "UnclipError", "load", "__version__"]
 
-BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "openvino", "mixed", "tensorrt")
 
 
 def __getattr__(name: str):
@@ -28,7 +28,8 @@ def load(model: str | Path = "demo", backend: str = "torch", device: str = "cpu"
 
     `model` is a checkpoint folder (diffusers UnCLIPPipeline layout), "demo" (the trained model
     that ships in the package), a preset name, or already loaded UnclipComponents; with
-    backend="onnxruntime" or "openvino" it is an artifact folder made by `unclip export onnx`.
+    backend="onnxruntime", "openvino" or "mixed" (each network on the faster of the two, measured at
+    load) it is an artifact folder made by `unclip export onnx`.
     `dtype` is the precision: fp32, fp16/bf16 for torch on cuda, bf16 for torch or openvino on a CPU
     with native bf16 (docs/cpu.md). `cuda_graphs` and `kernels` switch on the GPU fast path of the
     torch backend (unclip.engine.fast_path; docs/gpu.md). `limits` (unclip.Limits) bounds what one
@@ -76,6 +77,14 @@ def _load(model, backend: str, device: str, allow_pickle: bool, dtype: str, cuda
             raise UnclipError("--dtype and --kernels apply to --backend torch; a TensorRT engine's precision "
                               "is set when it is built (`unclip export tensorrt`): drop them")
         return load_tensorrt_pipeline(model, device, cuda_graphs=cuda_graphs, step_cache=step_cache)
+    if backend == "mixed":  # per network, the faster of ONNX Runtime and OpenVINO here (float32)
+        from unclip.engine.backends.mixed_backend import load_mixed_pipeline
+
+        if dtype != "fp32" or cuda_graphs or kernels:
+            raise UnclipError("--backend mixed runs each network in float32 on the faster of ONNX Runtime "
+                              "and OpenVINO; drop --dtype/--cuda-graphs/--kernels (bf16: --backend openvino "
+                              "--dtype bf16)")
+        return load_mixed_pipeline(model, device, step_cache=step_cache)
     _check_fast_path(backend, device, dtype, cuda_graphs, kernels)
     if backend == "onnxruntime":  # serves from the artifact: no diffusers/transformers imports
         from unclip.engine.backends.onnxruntime_backend import load_onnxruntime_pipeline

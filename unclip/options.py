@@ -28,8 +28,8 @@ from unclip.errors import UnclipError
 
 DEFAULT_MODEL = "demo"  # unclip.models.DEFAULT_MODEL, without importing torch
 MODEL_HELP = ("demo (the trained model shipped in the package), a checkpoint folder (diffusers "
-              "UnCLIPPipeline layout), an export folder (with --backend onnxruntime, openvino or tensorrt) "
-              "or a random-weight preset: tiny, small, karlo")
+              "UnCLIPPipeline layout), an export folder (with --backend onnxruntime, openvino, mixed or "
+              "tensorrt) or a random-weight preset: tiny, small, karlo")
 API_KEY_ENV = "UNCLIP_API_KEY"
 
 
@@ -45,7 +45,8 @@ class LoadOptions(BaseModel):
 
     model: str = Field(DEFAULT_MODEL, description=MODEL_HELP)
     backend: str = Field("torch", description=(
-        "torch, onnxruntime or openvino (then --model is a folder made by `unclip export onnx`), or "
+        "torch, onnxruntime, openvino or mixed (each network on the faster of the two, measured at load) "
+        "(then --model is a folder made by `unclip export onnx`), or "
         "tensorrt (--device cuda; the folder also has `unclip export tensorrt` engines)"))
     device: str = Field("cpu", description="cpu or cuda")
     dtype: str = Field("fp32", description=(

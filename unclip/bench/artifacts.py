@@ -21,7 +21,8 @@ def _export_onnx(model: str, out: Path, step_cache: bool = False) -> None:
     export_onnx(model, out, precision="fp32", batch_sizes=(1,), seed=0, step_cache=step_cache)
 
 
-EXPORTERS = {"onnxruntime": ("onnx-fp32", _export_onnx), "openvino": ("onnx-fp32", _export_onnx)}
+EXPORTERS = {"onnxruntime": ("onnx-fp32", _export_onnx), "openvino": ("onnx-fp32", _export_onnx),
+             "mixed": ("onnx-fp32", _export_onnx)}
 
 
 def cache_key(model: str) -> str:

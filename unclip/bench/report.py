@@ -175,6 +175,15 @@ def markdown(doc: dict) -> str:
         keys = ("startup_s", "load_s", "first_image_s", "cold_start_s")
         times = " | ".join(_f(info.get(k), 2) for k in keys)
         lines.append(f"| {name} | {export} | {times} | {diff} |")
+    for name, info in doc["runners"].items():
+        if info.get("mixed_assignment"):  # which runtime the mixed runner chose per network, and why
+            times = info.get("mixed_timings") or {}
+            lines += ["", f"{name} ran, per network (chosen at load; median ms per call at one guided "
+                      "image's rows): " + "; ".join(
+                          f"{network} {runtime}" + (" (" + ", ".join(
+                              f"{r} {_f(ms, 2)}" for r, ms in times[network].items()) + ")"
+                              if network in times else "")
+                          for network, runtime in info["mixed_assignment"].items()) + "."]
     lines += ["", "The last column compares each runner's first image with the baseline's: a sanity check "
               "that it computed the same thing. Correctness is bounded by the parity tests "
               "(tests/test_parity.py, and the ONNX validation in each export's manifest)."]

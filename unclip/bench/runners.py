@@ -18,7 +18,7 @@ from unclip.errors import UnclipError
 CPU_RUNNERS = ("torch-fp32", "torch-bf16", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16")
 CUDA_RUNNERS = ("torch-fp32",)  # the GPU suites name theirs (benchmarks/suites/gpu-karlo.json)
 DTYPES = ("fp32", "fp16", "bf16")
-EXPORTED = ("onnxruntime", "openvino", "tensorrt")  # backends that serve an ONNX export
+EXPORTED = ("onnxruntime", "openvino", "mixed", "tensorrt")  # backends that serve an ONNX export
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,9 @@ def parse_runner(text: str, known_backends: tuple[str, ...]) -> RunnerSpec:
             raise UnclipError(f"--backends {text!r}: a TensorRT engine's precision is set when it is built; "
                               "name it tensorrt")
         return RunnerSpec(backend, None)
+    if backend == "mixed" and dtype not in ("", "fp32"):
+        raise UnclipError(f"--backends {text!r}: the mixed runner is float32 (each network on the faster of "
+                          "ONNX Runtime and OpenVINO); name it mixed or mixed-fp32")
     if dtype and dtype not in DTYPES:
         raise UnclipError(f"--backends {text!r}: unknown precision {dtype!r}; choose {', '.join(DTYPES)}")
     return RunnerSpec(backend, dtype or "fp32")
@@ -64,6 +67,12 @@ def unavailable(spec: RunnerSpec, device: str) -> str | None:
         return "the ONNX exporter is not installed (pip install 'unclip[onnx]')"
     if spec.backend == "onnxruntime" and find_spec("onnxruntime") is None:
         return "onnxruntime is not installed (pip install 'unclip[onnx]')"
+    if spec.backend == "mixed":
+        missing = [name for name in ("onnxruntime", "openvino") if find_spec(name) is None]
+        if missing:
+            return f"{' and '.join(missing)} not installed (pip install 'unclip[onnx,openvino]')"
+        if not cpu:
+            return "the mixed runner chooses between CPU runtimes: --device cpu only"
     if spec.backend == "openvino":
         if find_spec("openvino") is None:
             return "OpenVINO is not installed (pip install 'unclip[openvino]')"

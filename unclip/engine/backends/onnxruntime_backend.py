@@ -104,6 +104,10 @@ class OnnxRuntimeBackend:
     def constants(self) -> dict[str, torch.Tensor]:
         return self._constants
 
+    def release(self, network: str) -> None:
+        """Frees a network's session: the mixed backend runs it in another runtime."""
+        self.sessions.pop(network, None)
+
 
 def load_onnxruntime_pipeline(folder: str | Path, device: str = "cpu", step_cache: int = 1):
     """A Pipeline over an artifact folder (made by `unclip export onnx`); `step_cache` > 1 needs one

@@ -90,6 +90,10 @@ class OpenVinoBackend:
     def constants(self) -> dict[str, torch.Tensor]:
         return self._constants
 
+    def release(self, network: str) -> None:
+        """Frees a network's compiled model: the mixed backend runs it in another runtime."""
+        self.requests.pop(network, None)
+
 
 def load_openvino_pipeline(folder: str | Path, precision: str = "fp32", device: str = "cpu",
                            step_cache: int = 1):

@@ -17,9 +17,9 @@ backends by name) does not name:
 named in --runners: torch-fp16-graphs-cl, the UNets in channels-last memory format, which
 precision.py leaves off until it measures faster.
 
-Inside a graph the network calls of a stage cannot be timed one by one, so the graph runners
-record one timed call per stage loop; their per-stage FLOPs are taken from torch-fp16 (the same
-work, counted per call) and their per-network table is left empty.
+The graph runners record one timed call per replayed step (the network call with its guidance and
+scheduler update, which the graph holds together); their per-stage FLOPs are taken from torch-fp16
+(the same work, counted per call).
 
 A preset (`--model small|karlo`) is built on the GPU in every runner process, from the same seed:
 the same weights everywhere in seconds, where Karlo's 3.4e9 weights take minutes to initialise
@@ -91,21 +91,31 @@ def parse_runner(text: str, known_backends: tuple[str, ...]):
 
 
 class TimedStageRunner:
-    """One timeline call per stage loop (a graph replay cannot be split into network calls)."""
+    """One timeline call per step (a replayed step is the network call with its guidance and update)."""
 
     def __init__(self, runner, timeline):
         self._runner = runner
         self.timeline = timeline
 
-    def denoise(self, stage, x, noise, config, table, networks, conditioning, guidance=None, channels=None):
-        self.timeline.begin(networks[0], x.shape[0] * (2 if guidance is not None else 1))
-        out = self._runner.denoise(stage, x, noise, config, table, networks, conditioning,
-                                   guidance=guidance, channels=channels)
-        self.timeline.end()
-        return out
+    def begin(self, stage, spec, x, noise, table, networks, conditioning, guidance):
+        run = self._runner.begin(stage, spec, x, noise, table, networks, conditioning, guidance)
+        return TimedRun(run, self.timeline, 2 if guidance is not None else 1)
 
     def __getattr__(self, name: str):
         return getattr(self._runner, name)
+
+
+class TimedRun:
+    def __init__(self, run, timeline, factor: int):
+        self._run, self.timeline, self.factor = run, timeline, factor
+
+    def step(self, i: int, network: str) -> None:
+        self.timeline.begin(network, self._run.rows * self.factor)
+        self._run.step(i, network)
+        self.timeline.end()
+
+    def __getattr__(self, name: str):
+        return getattr(self._run, name)
 
 
 class FastRunner(Runner):
@@ -237,7 +247,6 @@ class FastResults(Results):
             out["stage_tflops"][stage] = tflops
             fraction = None if tflops is None or not peak else tflops / peak
             out["stage_fraction_of_matmul_peak"][stage] = fraction
-        out["networks"] = {}  # one timed call per stage loop: network calls are not separable in a graph
         out["stage_flops_from"] = twin_name
         return out
 

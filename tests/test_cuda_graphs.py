@@ -295,12 +295,13 @@ def test_graph_cache_reuses_graphs_per_stage_batch_and_steps():
     pipe = make_pipeline("cuda", "fp16", cuda_graphs=True)
     runner = pipe.stage_runner
     gpu_images(pipe, batch=1)
-    graphs = {k: b.graph for k, b in runner.buffers.items()}
-    assert len(graphs) == 3 and all(g is not None for g in graphs.values())
+    graphs = {k: dict(b.graphs) for k, b in runner.buffers.items()}  # one step of each network
+    assert {k[0]: set(g) for k, g in graphs.items()} == {
+        "prior": {"prior"}, "decoder": {"decoder"}, "super_res": {"super_res_first", "super_res_last"}}
     gpu_images(pipe, batch=1, prior_guidance=2.0, decoder_guidance=5.0)  # new scales: same graphs
-    assert {k: b.graph for k, b in runner.buffers.items()} == graphs
-    assert all(b.replays == 2 for b in runner.buffers.values())
-    gpu_images(pipe, batch=2)  # new batch size: three new graphs
+    assert {k: b.graphs for k, b in runner.buffers.items()} == graphs
+    assert all(b.runs == 2 and b.replays == 2 * len(k[2]) for k, b in runner.buffers.items())
+    gpu_images(pipe, batch=2)  # new row bucket: new buffers and graphs
     assert len(runner.buffers) == 6
     gpu_images(pipe, batch=1, decoder_steps=5)  # new step count: a new decoder graph
     assert len(runner.buffers) == 7
@@ -319,8 +320,8 @@ def test_fp16_overflow_is_an_error_naming_stage_precision_and_batch(cuda_graphs)
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_step_cache_captured_matches_uncaptured_half_precision(preset):
-    """The step cache on the graph path: the full steps' features are carried inside the captured loop
-    to the shallow steps, as the eager loop carries them; one graph per (stage, batch, schedule)."""
+    """The step cache on the graph path: the full step's graph leaves its features in static buffers
+    that the shallow step's graph reads, as the eager loop carries them; one graph per network."""
     eager = make_pipeline("cuda", "fp16", preset=preset, step_cache=2)
     captured = make_pipeline("cuda", "fp16", cuda_graphs=True, preset=preset, step_cache=2)
     expected, got = gpu_images(eager), gpu_images(captured)
@@ -328,21 +329,23 @@ def test_step_cache_captured_matches_uncaptured_half_precision(preset):
     assert not np.array_equal(expected, gpu_images(make_pipeline("cuda", "fp16", preset=preset)))
     schedules = {key[2] for key in captured.stage_runner.buffers if key[0] == "decoder"}
     assert schedules == {("decoder_full", "decoder_shallow") * 2}
+    assert all(set(b.graphs) == {"decoder_full", "decoder_shallow"}
+               for k, b in captured.stage_runner.buffers.items() if k[0] == "decoder")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_streamed_previews_on_the_gpu_leave_the_images_unchanged(cuda_graphs):
-    """Eager half precision previews at the partial steps and at the decoder's output; a stage
-    captured whole has no steps to look between, so the graph path sends only the decoder's output.
-    Either way the final images are those of the same request without streaming, bit for bit."""
+    """Previews at the partial steps and at the decoder's output, eager or replayed step by step (the
+    same loop); either way the final images are those of the same request without streaming, bit for
+    bit."""
     pipe = make_pipeline("cuda", "fp16", cuda_graphs=cuda_graphs)
     plain = gpu_images(pipe, batch=1)
     previews = []
     streamed = gpu_images(pipe, batch=1, partial_images=3,
                           on_partial=lambda index, images: previews.append((index, images)))
     assert np.array_equal(streamed, plain)
-    expected = 1 if cuda_graphs else len(partial_steps(FAST_STEPS["decoder_steps"], 3)) + 1
+    expected = len(partial_steps(FAST_STEPS["decoder_steps"], 3)) + 1
     assert [index for index, _ in previews] == list(range(expected))
     size = pipe.dims.super_res_size
     for _, images in previews:
@@ -361,8 +364,8 @@ def test_load_fast_path_through_the_public_api():
 
 
 def test_gpu_suite_times_runner_stages_and_borrows_flops_from_eager_twin():
-    """benchmarks/gpu_fastpath.py's glue, on CPU: a stage-runner pipeline is timed per stage loop,
-    its stages split like the eager one's, and its FLOPs per stage come from the eager twin."""
+    """benchmarks/gpu_fastpath.py's glue, on CPU: a stage-runner pipeline is timed per step (one replay
+    each), its stages split like the eager one's, and its FLOPs per stage come from the eager twin."""
     import importlib.util
     from pathlib import Path
 
@@ -394,12 +397,14 @@ def test_gpu_suite_times_runner_stages_and_borrows_flops_from_eager_twin():
         trace = timeline.finish()
         results.add(name, 2, {"latency_ms": trace.total_ms, "stages_ms": split_stages(trace),
                               "calls": [[c.network, c.rows, c.ms] for c in trace.calls]})
-    calls = [c[0] for c in results.samples[("torch-fp16-graphs", 2)][0]["calls"]]
-    assert calls == ["text_encoder", "prior", "text_proj", "decoder", "super_res_first"]  # one per loop
+    calls = {name: [c[0] for c in results.samples[(name, 2)][0]["calls"]] for name in pipes}
+    assert calls["torch-fp16-graphs"] == calls["torch-fp16"] == [  # one timed call per step, on both
+        "text_encoder", *["prior"] * 3, "text_proj", *["decoder"] * 4, "super_res_first", "super_res_last"]
     results.flops = {key: 10**9 for key in results.call_keys()}  # 1 GFLOP per call
     eager, graphs = results.run("torch-fp16", 2), results.run("torch-fp16-graphs", 2)
     assert eager["stage_gflop"] == {"text_encoder": 1.0, "prior": 3.0, "decoder": 5.0, "super_res": 2.0}
-    assert graphs["stage_gflop"] == eager["stage_gflop"] and graphs["networks"] == {}
+    assert graphs["stage_gflop"] == eager["stage_gflop"]
+    assert graphs["networks"].keys() == eager["networks"].keys()
     assert all(graphs["stage_tflops"][k] == pytest.approx(v / graphs["stages_ms"][k])
                for k, v in eager["stage_gflop"].items())
 
@@ -456,7 +461,7 @@ def test_capture_refuses_a_tensor_that_outlives_it():
     pipe = make_pipeline("cuda", "fp16", cuda_graphs=True)
     pipe.backend = KeepsLastOutput(pipe.backend)
     pipe.stage_runner.backend = pipe.backend
-    with pytest.raises(RuntimeError, match="capture of the prior stage left .* must not outlive it"):
+    with pytest.raises(RuntimeError, match="capture of the prior stage's prior step left .* not outlive"):
         gpu_images(pipe, batch=1)
     pipe.backend.last = None
     gpu_images(make_pipeline("cuda", "fp16", cuda_graphs=True), batch=1)  # the real backends hold nothing

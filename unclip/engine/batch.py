@@ -170,3 +170,22 @@ def take_rows(x: torch.Tensor, keep: torch.Tensor, guided: bool) -> torch.Tensor
         half = x.shape[0] // 2
         keep = torch.cat([keep, keep + half])
     return x.index_select(0, keep)
+
+
+def pad_rows(x: torch.Tensor, rows: int, guided: bool, dim: int = 0) -> torch.Tensor:
+    """`x` filled up to `rows` rows (each half, if guided) by repeating its last row: a batch padded to a
+    captured row count. The padded rows are computed and dropped; copies of a real row keep them finite."""
+    n = x.shape[dim] // 2 if guided else x.shape[dim]
+    if n == rows:
+        return x
+    index = torch.arange(rows, device=x.device).clamp(max=n - 1)
+    if guided:
+        index = torch.cat([index, index + n])
+    return x.index_select(dim, index)
+
+
+def unpad_rows(x: torch.Tensor, rows: int, padded: int, guided: bool, dim: int = 0) -> torch.Tensor:
+    """The first `rows` real rows of a tensor padded to `padded` rows (each half, if guided)."""
+    if not guided:
+        return x.narrow(dim, 0, rows)
+    return torch.cat([x.narrow(dim, 0, rows), x.narrow(dim, padded, rows)], dim=dim)

@@ -2,7 +2,7 @@
 
   dtype="fp16"|"bf16"  PrecisionBackend: half weights and activations, float32 scheduler (precision.py);
                        on CPU only bf16, with the UNets in channels-last memory format
-  cuda_graphs=True     each stage's whole loop captured once as a CUDA graph and replayed (cuda_graphs.py)
+  cuda_graphs=True     one step of each network captured once as a CUDA graph and replayed (cuda_graphs.py)
   kernels=True         Triton: GroupNorm+SiLU in the UNets, guidance+scheduler+noise in one step kernel
                        (unclip/kernels/)
 """

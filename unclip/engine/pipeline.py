@@ -34,7 +34,7 @@ from unclip.engine.settings import (
     check_schedules,
     check_seed,
 )
-from unclip.engine.step import StepBody, guided_prediction
+from unclip.engine.step import EagerRun
 from unclip.errors import GenerationError, UnclipError
 from unclip.kernels.guidance_step import GuidanceStep
 from unclip.models.step_cache import schedule
@@ -272,50 +272,32 @@ class Pipeline:
         """One stage's loop: the final latents of the requests still running, and which of the
         stage's first rows they are (None: all of them). `guidance` None: conditional rows only;
         `channels` splits a decoder's output into its prediction and its variance; `previews`: streamed
-        requests get the step's prediction of the clean image at their partial steps (the eager loop
-        only: a stage captured whole has no steps to look between)."""
+        requests get the step's prediction of the clean image at their partial steps. Every path runs
+        this loop; only how a step runs differs (EagerRun, or the stage runner's StageRun)."""
         guided, kept = guidance is not None, None
-        carried: dict[str, torch.Tensor] = {}  # a full step's extra outputs (the step cache's features)
-
-        def drop_departed() -> None:  # between steps: the rows of cancelled requests leave every tensor
-            nonlocal x, noise, conditioning, carried, kept
-            keep = batch.poll()
-            if keep is not None:
-                x = take_rows(x, keep, guided=False)
-                noise = (noise.index_select(1, keep.to(noise.device)) if isinstance(noise, torch.Tensor)
-                         else [None if n is None else take_rows(n, keep, guided=False) for n in noise])
-                conditioning = {k: take_rows(v, keep, guided) for k, v in conditioning.items()}
-                carried = {k: take_rows(v, keep, guided) for k, v in carried.items()}
-                kept = keep if kept is None else kept[keep]
-
-        if self.stage_runner is not None:  # the whole loop at once (a CUDA graph): leave between stages
-            drop_departed()
-            if batch.active:
-                x = self.stage_runner.denoise(stage, x, noise, config, table, networks, conditioning,
-                                              guidance=guidance, channels=channels)
-                if on_step is not None:
-                    on_step(stage, len(networks) - 1, x.shape[0])
-            return x, kept
-        # the same step body as the stage runner's (unclip.engine.step), one step at a time
-        spec, body = GuidanceStep(config, guided=guided, channels=channels), StepBody(self.backend)
-        scale = torch.tensor([1.0 if guidance is None else guidance], dtype=torch.float32, device=x.device)
-        noise = torch.stack([torch.zeros_like(x) if n is None else n for n in noise])  # [steps, rows, ...]
+        spec = GuidanceStep(config, guided=guided, channels=channels)
+        if self.stage_runner is not None:  # static buffers, each step replayed from a CUDA graph
+            run = self.stage_runner.begin(stage, spec, x, noise, table, networks, conditioning, guidance)
+        else:
+            run = EagerRun(self.backend, spec, x, noise, table, conditioning, guidance)
         label = stage.replace("_", "-")
         for i, network in enumerate(tqdm(networks, desc=label, disable=not progress, leave=False)):
-            drop_departed()
+            keep = batch.poll()  # between steps: the rows of cancelled requests leave
+            if keep is not None:
+                run.drop(keep)
+                kept = keep if kept is None else kept[keep]
             if not batch.active:
                 break
-            x_before = x
-            x, model_output = body(network, spec, table, torch.tensor([i], device=x.device), x, noise, scale,
-                                   conditioning, carried)
             wanted = batch.previews_at(i) if previews else ()
+            x_before = run.x.clone() if wanted else None  # a stage runner updates its latents in place
+            run.step(i, network)
             if wanted:
-                x0 = predicted_x0(config, table, i, guided_prediction(spec, model_output, scale), x_before)
+                x0 = predicted_x0(config, table, i, run.prediction(), x_before)
                 for request, start, rows in wanted:
                     self._send_preview(request, x0[start:start + rows])
             if on_step is not None:
-                on_step(stage, i, x.shape[0] * (2 if guided else 1))
-        return x, kept
+                on_step(stage, i, run.rows * (2 if guided else 1))
+        return run.result(), kept
 
     # -- image-conditioned generation (unclip.engine.image_conditioned) --------------------------
 

@@ -1,8 +1,9 @@
 """One denoising step for a set of rows: network call -> guidance -> scheduler update (+ noise).
 
-Every path runs this body. The eager loop (Pipeline._denoise) calls it once per step and, between
-steps, drops the rows of cancelled requests, sends previews and reports progress; the stage runner
-(cuda_graphs.py) calls it for every step of a stage, eagerly or inside one captured CUDA graph.
+Every path runs this body, and one loop (Pipeline._denoise) drives it a step at a time, dropping the
+rows of cancelled requests, sending previews and reporting progress between steps. The loop steps a
+stage run: EagerRun here (ordinary tensors), or the stage runner's StageRun (cuda_graphs.py: static
+buffers, each step eagerly or replayed from a CUDA graph captured per network and row count).
 `kernels` swaps the plain-torch update (`guidance_step_reference`, the oracle) for the Triton kernel
 that does the same update in one launch (`guidance_step_triton`). The step index is a device tensor
 and the noise of every step is one tensor, so a step is a pure function of buffers (CUDA-graph
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from unclip.engine.batch import take_rows
 from unclip.engine.scheduler import StepTable
 from unclip.kernels import guidance_step as step_kernels
 from unclip.kernels.guidance_step import GuidanceStep, guidance_step_reference, split_output
@@ -52,3 +54,41 @@ class StepBody:
 def guided_prediction(spec: GuidanceStep, model_output: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
     """The step's guided prediction (what a preview's clean-image estimate starts from)."""
     return split_output(spec, model_output.float(), guidance)[0]
+
+
+class EagerRun:
+    """One stage of one batch stepped on ordinary tensors: the plain path, and the interface a
+    StageRun (cuda_graphs.py) shares — `step`, `drop`, `prediction`, `x`, `rows`, `result`."""
+
+    def __init__(self, backend, spec: GuidanceStep, x: torch.Tensor, noise: list[torch.Tensor | None],
+                 table: StepTable, conditioning: dict[str, torch.Tensor], guidance: float | None):
+        self.body, self.spec, self.table = StepBody(backend), spec, table
+        self.x, self.conditioning = x, conditioning
+        # [steps, rows, ...]: zeros where a step adds no noise
+        self.noise = torch.stack([torch.zeros_like(x) if n is None else n for n in noise])
+        self.scale = torch.tensor([1.0 if guidance is None else guidance], dtype=torch.float32,
+                                  device=x.device)
+        self.carried: dict[str, torch.Tensor] = {}  # a full step's extra outputs (the step cache's features)
+        self._output: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+    def step(self, i: int, network: str) -> None:
+        step = torch.tensor([i], device=self.x.device)
+        self.x, self._output = self.body(network, self.spec, self.table, step, self.x, self.noise, self.scale,
+                                         self.conditioning, self.carried)
+
+    def prediction(self) -> torch.Tensor:
+        return guided_prediction(self.spec, self._output, self.scale)
+
+    def drop(self, keep: torch.Tensor) -> None:
+        guided = self.spec.guided
+        self.x = take_rows(self.x, keep, guided=False)
+        self.noise = self.noise.index_select(1, keep.to(self.noise.device))
+        self.conditioning = {k: take_rows(v, keep, guided) for k, v in self.conditioning.items()}
+        self.carried = {k: take_rows(v, keep, guided) for k, v in self.carried.items()}
+
+    def result(self) -> torch.Tensor:
+        return self.x

@@ -138,7 +138,7 @@ def enqueue(context, current, own, capturing: bool) -> bool:
 def load_tensorrt_pipeline(folder: str | Path, device: str = "cuda", cuda_graphs: bool = False,
                            step_cache: int = 1):
     """A Pipeline over an artifact folder with engines (made by `unclip export tensorrt`);
-    `cuda_graphs` captures each stage's whole loop, engine calls included; `step_cache` > 1 needs
+    `cuda_graphs` captures one step per network and row bucket, engine calls included; `step_cache` > 1 needs
     an ONNX export made with `--step-cache` (its pair gets engines like every network)."""
     from unclip.engine.cuda_graphs import StageRunner
 

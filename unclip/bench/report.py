@@ -178,8 +178,8 @@ def markdown(doc: dict) -> str:
     for name, info in doc["runners"].items():
         if info.get("mixed_assignment"):  # which runtime the mixed runner chose per network, and why
             times = info.get("mixed_timings") or {}
-            lines += ["", f"{name} ran, per network (chosen at load; median ms per call at one guided "
-                      "image's rows): " + "; ".join(
+            lines += ["", f"{name} ran, per network (chosen at load; ms: medians per call at the rows of one "
+                      "and two guided images, summed): " + "; ".join(
                           f"{network} {runtime}" + (" (" + ", ".join(
                               f"{r} {_f(ms, 2)}" for r, ms in times[network].items()) + ")"
                               if network in times else "")

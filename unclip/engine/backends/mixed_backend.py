@@ -4,10 +4,13 @@ No CPU runtime wins every network. On the project's 2-core CPU ONNX Runtime runs
 and super-resolution faster and OpenVINO its prior (docs/step_cache.md); which one wins depends on
 the CPU (its vector units, its cores) and on the model's shapes, so `mixed` measures rather than
 guesses. At load it compiles both runtimes over the same artifact, times every network on each
-(one guided image's rows, interleaved calls, the median), keeps the faster and frees the other's
-compiled copy. Both run the export in float32 and are validated against torch, so the choice moves
-speed, not images (beyond the fp32 artifacts' 2/255). `assignment` fixes the choice instead, for a
-service that must not vary between restarts (load_mixed_pipeline).
+(at the rows of one and of two guided images, interleaved calls, the sum of the medians), keeps the
+faster and frees the other's compiled copy. Mixing costs nothing measurable by itself: ONNX Runtime
+alone and ONNX Runtime with OpenVINO running the text encoder, alternated in one process, 245.5 vs
+247.6 ms a demo image (+cache4; docs/step_cache.md). Both run the export in float32 and are
+validated against torch, so the choice moves speed, not images (beyond the fp32 artifacts' 2/255).
+`assignment` fixes the choice instead, for a service that must not vary between restarts
+(load_mixed_pipeline).
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from unclip.errors import UnclipError
 from unclip.specs import example_inputs
 
 CANDIDATES = ("onnxruntime", "openvino")
-TIMING_ROWS = 2  # one image with classifier-free guidance: what a batch-1 request runs
+TIMING_ROWS = (2, 4)  # one and two images with classifier-free guidance: batch-1 and batch-2 requests
 WARMUP_CALLS = 1  # the first call of a compiled network allocates its buffers
-TIMED_CALLS = 5  # per network and runtime, interleaved, so machine noise falls on both alike
-TIMING_BUDGET_S = 2.0  # per network: a large model stops at 2 timed calls once past it
+TIMED_CALLS = 7  # per network, rows and runtime, interleaved, so machine noise falls on both alike
+TIMING_BUDGET_S = 2.0  # per network and rows: a large model stops at 2 timed calls once past it
 
 log = logging.getLogger("unclip")
 
@@ -64,28 +67,33 @@ class MixedBackend:
         return next(iter(self.backends.values())).constants()
 
 
-def measure(backends: dict, dims, rows: int = TIMING_ROWS, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Median milliseconds per call of every network on every backend, on the same random inputs."""
+def measure(backends: dict, dims, rows: tuple[int, ...] = TIMING_ROWS,
+            seed: int = 0) -> dict[str, dict[str, float]]:
+    """Milliseconds of every network on every backend: per row count the median of interleaved calls on
+    the same random inputs, summed over `rows`."""
     first = next(iter(backends.values()))
     generator = torch.Generator().manual_seed(seed)
     timings: dict[str, dict[str, float]] = {}
     for network, spec in first.specs.items():
-        inputs = example_inputs(spec, dims, rows, generator=generator)
-        for backend in backends.values():
-            for _ in range(WARMUP_CALLS):
-                backend.run(network, **inputs)
-        samples: dict[str, list[float]] = {name: [] for name in backends}
-        spent = 0.0
-        for i in range(TIMED_CALLS):
-            if i >= 2 and spent > TIMING_BUDGET_S:
-                break
-            for name, backend in backends.items():
-                t0 = time.perf_counter()
-                backend.run(network, **inputs)
-                elapsed = time.perf_counter() - t0
-                samples[name].append(elapsed * 1e3)
-                spent += elapsed
-        timings[network] = {name: statistics.median(ms) for name, ms in samples.items()}
+        timings[network] = dict.fromkeys(backends, 0.0)
+        for n in rows:
+            inputs = example_inputs(spec, dims, n, generator=generator)
+            for backend in backends.values():
+                for _ in range(WARMUP_CALLS):
+                    backend.run(network, **inputs)
+            samples: dict[str, list[float]] = {name: [] for name in backends}
+            spent = 0.0
+            for i in range(TIMED_CALLS):
+                if i >= 2 and spent > TIMING_BUDGET_S:
+                    break
+                for name, backend in backends.items():
+                    t0 = time.perf_counter()
+                    backend.run(network, **inputs)
+                    elapsed = time.perf_counter() - t0
+                    samples[name].append(elapsed * 1e3)
+                    spent += elapsed
+            for name, ms in samples.items():
+                timings[network][name] += statistics.median(ms)
     return timings
 
 

@@ -37,9 +37,9 @@ def test_measured_choice_routes_every_network_and_keeps_one_compiled_copy(tiny_o
     backend = pipe.backend
     assert backend.name == "mixed" and set(backend.assignment) == set(backend.specs)
     assert set(backend.assignment.values()) <= set(CANDIDATES)
-    for network, ms in backend.timings.items():  # both timed, the faster chosen
+    for ms in backend.timings.values():  # both timed
         assert set(ms) == set(CANDIDATES) and all(v > 0 for v in ms.values())
-        assert backend.assignment[network] == min(ms, key=ms.get)
+    assert backend.assignment == fastest(backend.timings)
     for runtime, sub in backend.backends.items():
         assert held(sub) == {n for n, r in backend.assignment.items() if r == runtime}
     ort = unclip.load(tiny_onnx, backend="onnxruntime", step_cache=2)
@@ -91,9 +91,11 @@ def test_routing_release_and_refusals():
         MixedBackend({"a": FakeRuntime("a")}, {"prior": "a"})
     with pytest.raises(UnclipError, match="unknown runtime c"):
         MixedBackend({"a": FakeRuntime("a")}, {"prior": "a", "decoder": "c"})
-    assert fastest({"prior": {"onnxruntime": 2.5, "openvino": 2.4},
-                    "decoder": {"onnxruntime": 15.1, "openvino": 17.0}}) == {"prior": "openvino",
-                                                                             "decoder": "onnxruntime"}
+    # the primary (lower total) keeps near ties; a clear win (> 10 %) moves a network
+    assert fastest({"prior": {"onnxruntime": 2.5, "openvino": 2.0},
+                    "text_encoder": {"onnxruntime": 1.0, "openvino": 0.95},
+                    "decoder": {"onnxruntime": 15.1, "openvino": 17.0}}) == {
+        "prior": "openvino", "text_encoder": "onnxruntime", "decoder": "onnxruntime"}
 
 
 @pytest.mark.parametrize("args,message", [

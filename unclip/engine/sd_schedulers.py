@@ -26,6 +26,15 @@ NAMES = {v: k for k, v in KINDS.items()}  # --scheduler ddim|pndm|dpm++ -> diffu
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
+# Each class's own defaults where they differ from SamplerConfig's: a config that leaves a key out (or
+# one switched to another class, which keeps only the keys it has) means the class's default, as in
+# diffusers: a PNDM config has no clip_sample, so DDIMScheduler.from_config(it) clips x0 to [-1, 1].
+KIND_DEFAULTS = {
+    "ddim": dict(clip_sample=True, set_alpha_to_one=True),
+    "pndm": dict(set_alpha_to_one=False),
+    "dpm++": dict(timestep_spacing="linspace"),
+    "ddpm": dict(clip_sample=True),
+}
 # config keys that change the arithmetic and the value under which we compute exactly what diffusers does
 UNSUPPORTED = {"thresholding": False, "rescale_betas_zero_snr": False, "use_karras_sigmas": False,
                "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
@@ -75,7 +84,7 @@ class SamplerConfig:
             raise UnclipError("PNDM with skip_prk_steps=false (Runge-Kutta warm-up steps) is not run by "
                               "unclip; set skip_prk_steps to true, as Stable Diffusion checkpoints ship it")
         known = {f for f in cls.__dataclass_fields__ if f not in ("kind", "extra")}
-        values = {k: v for k, v in data.items() if k in known}
+        values = {**KIND_DEFAULTS[kind], **{k: v for k, v in data.items() if k in known}}
         if kind == "pndm":
             values["skip_prk_steps"] = True
         config = cls(kind=kind, extra={k: v for k, v in data.items() if k not in known}, **values)

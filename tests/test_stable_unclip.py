@@ -1,0 +1,172 @@
+"""Stable unCLIP (the second family) against diffusers: tiny random components written in both diffusers
+layouts, loaded by unclip and by diffusers' StableUnCLIPPipeline / StableUnCLIPImg2ImgPipeline from the
+same folder; the same images for the same seed, for each sampler, several noise levels, guidance on
+and off, several images per prompt; and one-line refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unclip.errors import UnclipError
+
+# Float32 on the CPU, the same networks and the same draws: the issue's bound for the arrays; measured 0
+# on the text-to-image cases (the samplers are step-for-step equal, tests/test_sd_schedulers.py).
+PARITY = 1e-4
+STEPS = dict(prior_steps=3, decoder_steps=4)
+CLASSES = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler"}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from unclip.models.stable_unclip import build_stable_preset, save_stable_unclip
+
+    root = tmp_path_factory.mktemp("stable_unclip")
+    return {
+        layout: save_stable_unclip(build_stable_preset(layout), root / layout) for layout in ("text", "image")
+    }
+
+
+@pytest.fixture(scope="module")
+def pipes(folders):
+    import diffusers
+
+    from unclip.engine.stable_unclip import load_stable_pipeline
+
+    return {
+        "text": (
+            load_stable_pipeline(folders["text"]),
+            diffusers.StableUnCLIPPipeline.from_pretrained(folders["text"]),
+        ),
+        "image": (
+            load_stable_pipeline(folders["image"]),
+            diffusers.StableUnCLIPImg2ImgPipeline.from_pretrained(folders["image"]),
+        ),
+    }
+
+
+def with_scheduler(theirs, name: str | None):
+    import diffusers
+
+    if name is not None:
+        theirs.scheduler = getattr(diffusers, CLASSES[name]).from_config(theirs.scheduler.config)
+    return theirs
+
+
+@pytest.mark.parametrize(
+    "scheduler,noise_level,prior_guidance,decoder_guidance,num_images",
+    [
+        (None, 0, 4.0, 10.0, 1),  # the checkpoint's PNDM, diffusers' defaults
+        ("ddim", 100, 4.0, 1.0, 2),  # decoder unguided
+        ("dpm++", 500, 1.0, 7.5, 2),  # prior unguided
+        ("pndm", 999, 2.0, 3.0, 1),  # the last noise level
+    ],
+)
+def test_text_to_image_matches_diffusers(
+    pipes, scheduler, noise_level, prior_guidance, decoder_guidance, num_images
+):
+    ours, theirs = pipes["text"]
+    prompts = ["a red circle", "a blue square on green"]
+    got = ours.generate(
+        prompts,
+        seed=3,
+        output_type="np",
+        scheduler=scheduler,
+        noise_level=noise_level,
+        prior_guidance=prior_guidance,
+        decoder_guidance=decoder_guidance,
+        num_images=num_images,
+        **STEPS,
+    )
+    want = with_scheduler(theirs, scheduler)(
+        prompt=prompts,
+        num_images_per_prompt=num_images,
+        prior_num_inference_steps=STEPS["prior_steps"],
+        num_inference_steps=STEPS["decoder_steps"],
+        prior_guidance_scale=prior_guidance,
+        guidance_scale=decoder_guidance,
+        noise_level=noise_level,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+    ).images
+    assert got.shape == want.shape == (2 * num_images, 32, 32, 3)
+    assert float(np.abs(got - want).max()) <= PARITY
+
+
+@pytest.mark.parametrize(
+    "scheduler,noise_level,decoder_guidance,num_images",
+    [(None, 0, 10.0, 2), ("ddim", 250, 1.0, 1), ("dpm++", 50, 5.0, 3)],
+)
+def test_image_variations_match_diffusers(pipes, scheduler, noise_level, decoder_guidance, num_images):
+    ours, theirs = pipes["image"]
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    got = ours.vary(
+        image,
+        seed=2,
+        output_type="np",
+        scheduler=scheduler,
+        noise_level=noise_level,
+        decoder_guidance=decoder_guidance,
+        num_images=num_images,
+        decoder_steps=STEPS["decoder_steps"],
+    )
+    want = with_scheduler(theirs, scheduler)(
+        image=image,
+        prompt="",
+        num_images_per_prompt=num_images,
+        num_inference_steps=STEPS["decoder_steps"],
+        guidance_scale=decoder_guidance,
+        noise_level=noise_level,
+        generator=torch.Generator().manual_seed(2),
+        output_type="np",
+    ).images
+    assert got.shape == want.shape == (num_images, 32, 32, 3)
+    assert float(np.abs(got - want).max()) <= PARITY
+
+
+def test_png_output_is_the_arrays_rounded(pipes):
+    ours, _ = pipes["text"]
+    images = ours.generate("a cat", seed=1, **STEPS)
+    array = ours.generate("a cat", seed=1, output_type="np", **STEPS)
+    assert len(images) == 1 and images[0].size == (32, 32)
+    assert np.array_equal(np.asarray(images[0]), (array[0] * 255).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(noise_level=-1), "noise_level must be an integer from 0 to 999"),
+        (dict(noise_level=1000), "noise_level must be an integer from 0 to 999"),
+        (dict(noise_level=2.5), "noise_level must be an integer"),
+        (dict(scheduler="euler"), "scheduler must be one of ddim, pndm, dpm++"),
+        (dict(decoder_steps=0), "decoder_steps must be an integer from 1"),
+        (dict(super_res_steps=2), "unknown setting 'super_res_steps'"),
+    ],
+)
+def test_bad_settings_are_one_line_errors_naming_the_field(pipes, settings, message):
+    ours, _ = pipes["text"]
+    with pytest.raises(UnclipError, match=message) as info:
+        ours.generate("x", **settings)
+    assert "\n" not in str(info.value) and info.value.param == next(iter(settings))
+
+
+def test_each_layout_refuses_the_other_task(pipes):
+    with pytest.raises(UnclipError, match="image-variation Stable unCLIP"):
+        pipes["image"][0].generate("a cat")
+    with pytest.raises(UnclipError, match="text-to-image Stable unCLIP"):
+        pipes["text"][0].vary(Image.new("RGB", (8, 8)))
+
+
+def test_a_folder_without_safetensors_is_refused(folders, tmp_path):
+    import shutil
+
+    from unclip.models.stable_unclip import load_stable_unclip
+
+    broken = shutil.copytree(folders["text"], tmp_path / "m")
+    for f in (broken / "unet").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(UnclipError, match=r"unet has no \.safetensors weights"):
+        load_stable_unclip(broken)

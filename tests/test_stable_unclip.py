@@ -170,3 +170,67 @@ def test_a_folder_without_safetensors_is_refused(folders, tmp_path):
         f.unlink()
     with pytest.raises(UnclipError, match=r"unet has no \.safetensors weights"):
         load_stable_unclip(broken)
+
+
+def test_cli_generate_and_vary_on_the_folders(folders, pipes, tmp_path):
+    """`unclip generate` / `unclip vary` on folders in the diffusers layouts: the pipeline's images, and
+    PNG text with the settings; a noise level past the schedule or below 0 is one line, exit 1, nothing
+    written; a Karlo model refuses the option."""
+    from tests.cli_helpers import assert_one_line_error, run_cli
+
+    steps = ["--prior-steps", "2", "--decoder-steps", "3"]
+    result = run_cli(
+        "generate",
+        "a red circle",
+        "--model",
+        str(folders["text"]),
+        "--noise-level",
+        "50",
+        "--scheduler",
+        "dpm++",
+        "--seed",
+        "4",
+        "--out",
+        str(tmp_path / "g"),
+        *steps,
+    )
+    assert result.exit_code == 0, result.output
+    png = Image.open(tmp_path / "g" / "0000.png")
+    want = pipes["text"][0].generate(
+        "a red circle", seed=4, noise_level=50, scheduler="dpm++", prior_steps=2, decoder_steps=3
+    )[0]
+    assert np.array_equal(np.asarray(png), np.asarray(want))
+    assert png.text["noise_level"] == "50" and png.text["scheduler"] == "dpm++"
+    result = run_cli(
+        "vary",
+        str(tmp_path / "g" / "0000.png"),
+        "--model",
+        str(folders["image"]),
+        "--num-images",
+        "2",
+        "--decoder-steps",
+        "3",
+        "--out",
+        str(tmp_path / "v"),
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["0000.png", "0001.png"]
+    for level, fragment in (
+        ("1000", "--noise-level must be an integer from 0 to 999"),
+        ("-1", "--noise-level must be from 0"),
+    ):
+        bad = run_cli(
+            "generate",
+            "x",
+            "--model",
+            str(folders["text"]),
+            "--noise-level",
+            level,
+            "--out",
+            str(tmp_path / f"bad{level}"),
+            *steps,
+        )
+        assert_one_line_error(bad, fragment)
+        assert not (tmp_path / f"bad{level}").exists()
+    karlo = run_cli("generate", "x", "--model", "tiny", "--noise-level", "3", "--out", str(tmp_path / "k"))
+    assert_one_line_error(karlo, "--noise-level applies to Stable unCLIP models")

@@ -43,7 +43,9 @@ def load(model: str | Path = "demo", backend: str = "torch", device: str = "cpu"
 
     with LOAD_LOCK:  # safe from several threads: one model built at a time (unclip/models/libraries.py)
         pipe = _load(model, backend, device, allow_pickle, dtype, cuda_graphs, kernels, limits, step_cache)
-    if limits is not None:  # backends that build their own Pipeline get the caller's limits here
+    if limits is not None and getattr(pipe, "family", "karlo") != "karlo":
+        pipe.limits = limits  # Stable unCLIP checks its settings against them at each call
+    elif limits is not None:  # backends that build their own Pipeline get the caller's limits here
         pipe.limits = limits
         pipe.settings()  # the model's own defaults must fit them: say so now, not at the first call
         pipe.image_settings()
@@ -68,6 +70,10 @@ def _load(model, backend: str, device: str, allow_pickle: bool, dtype: str, cuda
         raise UnclipError(f"unknown device {device!r}: use cpu or cuda")
     if limits is not None and not isinstance(limits, Limits):
         raise UnclipError(f"limits must be an unclip.Limits, got {type(limits).__name__}", param="limits")
+    from unclip.models.stable_unclip import is_stable_unclip
+
+    if is_stable_unclip(model):  # the second family (unclip.engine.stable_unclip)
+        return _load_stable(model, backend, device, dtype, cuda_graphs, kernels, step_cache)
     if backend != "torch":  # the torch backend's loader (unclip.models.load_model) says it itself
         logging.getLogger("unclip").info("loading %s (%s) ...", model, backend)
     if backend == "tensorrt":  # engines from `unclip export tensorrt`; cuda_graphs captures them too
@@ -106,6 +112,20 @@ def _load(model, backend: str, device: str, allow_pickle: bool, dtype: str, cuda
                     model_name=components.name, stage_runner=stage_runner,
                     sampler_defaults=components.sampler_defaults, limits=limits,
                     image_preprocess=components.image_preprocess, step_cache=step_cache)
+
+
+def _load_stable(model, backend: str, device: str, dtype: str, cuda_graphs: bool, kernels: bool,
+                 step_cache: int):
+    from unclip.engine.stable_unclip import load_stable_pipeline
+
+    given = [name for name, on in (("--dtype " + dtype, dtype != "fp32"), ("--cuda-graphs", cuda_graphs),
+                                   ("--kernels", kernels), (f"--step-cache {step_cache}", step_cache != 1),
+                                   (f"--backend {backend}", backend != "torch")) if on]
+    if given:
+        raise UnclipError(f"{given[0]} is not available for Stable unCLIP models yet (they run on --backend "
+                          "torch in float32); drop it")
+    logging.getLogger("unclip").info("loading %s (Stable unCLIP) ...", model)
+    return load_stable_pipeline(model, device)
 
 
 def _check_fast_path(backend: str, device: str, dtype: str, cuda_graphs: bool, kernels: bool) -> None:

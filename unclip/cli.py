@@ -16,6 +16,7 @@ from unclip.cli_options import (
     LIMITS,
     MODEL_HELP,
     allow_pickle_option,
+    check_noise_level,
     check_run,
     given_settings,
     load_pipeline,
@@ -24,6 +25,9 @@ from unclip.cli_options import (
     run_metadata,
     sampler_options,
     seed_option,
+    stable_metadata,
+    stable_options,
+    stable_settings,
 )
 from unclip.engine.settings import check_prompts, check_seed
 from unclip.errors import UnclipError
@@ -103,6 +107,7 @@ def _quiet_libraries() -> None:
               help=f"images per prompt (at most {LIMITS.max_images} images per call: prompts x num-images)")
 @sampler_options()
 @click.option("--no-prior", is_flag=True, help="skip the prior: the CLIP text embedding goes to the decoder")
+@stable_options
 @out_option
 @allow_pickle_option
 def generate(prompts: tuple[str, ...], seed: int, num_images: int, no_prior: bool, out: Path,
@@ -111,8 +116,20 @@ def generate(prompts: tuple[str, ...], seed: int, num_images: int, no_prior: boo
     # every value is checked before the model loads, by the same layer generate() uses
     given = given_settings(options, num_images=num_images, use_prior=not no_prior)
     LIMITS.check_images(len(check_prompts(list(prompts), LIMITS)), num_images)
+    check_noise_level(options)
     check_run(out, seed)
     pipe = load_pipeline(options)
+    stable = stable_settings(pipe, options, num_images=num_images)
+    if stable is not None:  # Stable unCLIP: prior, noised image embedding, latent UNet, VAE
+        if no_prior:
+            raise UnclipError("--no-prior: Stable unCLIP decodes the prior's image embedding; drop it")
+        images = pipe.generate(list(prompts), seed=seed, **stable)
+        run = stable_metadata(stable, seed, options["model"])
+        metadata = [{"prompt": prompt, "image_index": str(k), **run}
+                    for prompt in prompts for k in range(num_images)]
+        for path in write_images(images, out, metadata):
+            click.echo(str(path))
+        return
     s = pipe.settings(**given)
     images = pipe.generate(list(prompts), seed=seed, progress=True, **vars(s))
     run = run_metadata(s, seed, options["model"])

@@ -111,3 +111,55 @@ def check_run(out: Path, seed: int) -> None:
     check_seed(seed)
     check_output_folder(out)
     earlier_images(out)
+
+
+# -- Stable unCLIP (unclip.engine.stable_unclip): its two settings, and its runs' settings and metadata --
+
+STABLE_SAMPLERS = ("pndm", "ddim", "dpm++")
+
+
+def stable_options(f):
+    """--noise-level and --scheduler: settings of Stable unCLIP models (a Karlo model refuses them)."""
+    f = click.option("--scheduler", type=click.Choice(STABLE_SAMPLERS), default=None,
+                     help="Stable unCLIP: the latent UNet's sampler  [default: the checkpoint's own]")(f)
+    return click.option("--noise-level", type=int, default=None,
+                        help="Stable unCLIP: noise added to the image embedding, 0 (none) to the noising "
+                             "schedule's last timestep (999)  [default: 0]")(f)
+
+
+def check_noise_level(options: dict) -> None:
+    """Before the model loads: a negative level is wrong for every model (the top depends on its schedule)."""
+    from unclip.errors import UnclipError
+
+    level = options.get("noise_level")
+    if level is not None and level < 0:
+        raise UnclipError(f"--noise-level must be from 0 (no noise) to the noising schedule's last timestep "
+                          f"(999 for the published models), got {level}", param="noise_level")
+
+
+def stable_settings(pipe, options: dict, **fixed) -> dict | None:
+    """A Stable unCLIP run's settings, checked by the pipeline (defaults filled in); None for a Karlo model,
+    which refuses the Stable unCLIP options."""
+    from unclip.errors import UnclipError
+
+    extra = {k: options[k] for k in ("noise_level", "scheduler") if options.get(k) is not None}
+    if getattr(pipe, "family", "karlo") != "stable-unclip":
+        if extra:
+            flag = "--" + next(iter(extra)).replace("_", "-")
+            raise UnclipError(f"{flag} applies to Stable unCLIP models; {options['model']} is a Karlo-style "
+                              "unCLIP model: drop it", param=next(iter(extra)))
+        return None
+    if options.get("super_res_steps") is not None:
+        raise UnclipError("--super-res-steps: Stable unCLIP has no super-resolution stage (its VAE decodes "
+                          "the latents); drop it", param="super_res_steps")
+    given = {k: options[k] for k in ("prior_steps", "decoder_steps", "prior_guidance", "decoder_guidance")
+             if options.get(k) is not None}
+    return pipe.check({**given, **extra, **fixed})
+
+
+def stable_metadata(s: dict, seed: int, model: str, prior: bool = True) -> dict[str, str]:
+    steps, guidance = f"decoder {s['decoder_steps']}", f"decoder {s['decoder_guidance']}"
+    if prior:
+        steps, guidance = f"prior {s['prior_steps']}, {steps}", f"prior {s['prior_guidance']}, {guidance}"
+    return {"seed": str(seed), "steps": steps, "guidance": guidance, "noise_level": str(s["noise_level"]),
+            "scheduler": s["scheduler"] or "checkpoint's", "model": str(model), "software": "unclip"}

@@ -14,6 +14,7 @@ import click
 from unclip.cli_options import (
     LIMITS,
     allow_pickle_option,
+    check_noise_level,
     check_run,
     given_settings,
     load_pipeline,
@@ -22,6 +23,9 @@ from unclip.cli_options import (
     run_metadata,
     sampler_options,
     seed_option,
+    stable_metadata,
+    stable_options,
+    stable_settings,
 )
 from unclip.engine.image_conditioned import DEFAULT_AMOUNTS, check_amounts, check_caption, check_count
 from unclip.engine.image_input import load_image
@@ -44,6 +48,7 @@ def read_images(paths: list[str]) -> list:
 @click.option("--num-images", type=int, default=1, show_default=True,
               help=f"variations per image (at most {LIMITS.max_images} per call: images x num-images)")
 @sampler_options(("decoder", "super_res"), image=True)
+@stable_options
 @out_option
 @allow_pickle_option
 def vary(images: tuple[str, ...], seed: int, num_images: int, out: Path, **options) -> None:
@@ -54,9 +59,19 @@ def vary(images: tuple[str, ...], seed: int, num_images: int, out: Path, **optio
         raise UnclipError(f"{len(images)} images in one call is above the limit of {LIMITS.max_prompts}; "
                           "split them over several runs")
     LIMITS.check_images(len(images), num_images)
+    check_noise_level(options)
     check_run(out, seed)
     decoded = read_images(list(images))
     pipe = load_pipeline(options)
+    stable = stable_settings(pipe, options, num_images=num_images)
+    if stable is not None:  # Stable unCLIP: image encoder, noised embedding, latent UNet, VAE
+        results = pipe.vary(decoded, seed=seed, **stable)
+        run = stable_metadata(stable, seed, options["model"], prior=False)
+        metadata = [{"mode": "variation", "source": source, "image_index": str(k), **run}
+                    for source in images for k in range(num_images)]
+        for path in write_images(results, out, metadata):
+            click.echo(str(path))
+        return
     s = pipe.image_settings(**given)
     results = pipe.vary(decoded, seed=seed, progress=True, **vars(s))
     run = run_metadata(s, seed, options["model"], prior=False)

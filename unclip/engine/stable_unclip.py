@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -229,6 +230,7 @@ class StableUnclipPipeline:
         self.std = components.normalizer_std.to(self.device)
         self.image_preprocess = components.image_preprocess
         self.model_name = components.name
+        self.limits = None  # unclip.Limits, when the caller gives them (unclip.load; the server)
 
     # -- settings --------------------------------------------------------------------------------
 
@@ -264,6 +266,27 @@ class StableUnclipPipeline:
                 raise UnclipError(
                     f"{name} must be a number from 0 to 100 (above 1: classifier-free guidance), got {v!r}",
                     param=name,
+                )
+        if self.limits is not None:
+            for name in ("prior_steps", "decoder_steps"):
+                if s[name] > self.limits.max_steps:
+                    raise UnclipError(
+                        f"{name} {s[name]} is above the limit of {self.limits.max_steps} steps "
+                        "(Limits.max_steps)",
+                        param=name,
+                    )
+            for name in ("prior_guidance", "decoder_guidance"):
+                if s[name] > self.limits.max_guidance:
+                    raise UnclipError(
+                        f"{name} {s[name]} is above the limit of {self.limits.max_guidance} "
+                        "(Limits.max_guidance)",
+                        param=name,
+                    )
+            if s["num_images"] > self.limits.max_images:
+                raise UnclipError(
+                    f"num_images {s['num_images']} is above the limit of {self.limits.max_images} "
+                    "images per call (Limits.max_images)",
+                    param="num_images",
                 )
         if s["scheduler"] is not None and s["scheduler"] not in SCHEDULERS:
             raise UnclipError(
@@ -434,7 +457,17 @@ class StableUnclipPipeline:
 
 def load_stable_pipeline(model, device: str = "cpu") -> StableUnclipPipeline:
     """A Stable unCLIP folder (either diffusers layout) or loaded components, on the torch backend."""
-    from unclip.models.stable_unclip import StableUnclipComponents, load_stable_unclip
+    from unclip.models.stable_unclip import (
+        STABLE_PRESETS,
+        StableUnclipComponents,
+        build_stable_preset,
+        load_stable_unclip,
+    )
 
-    components = model if isinstance(model, StableUnclipComponents) else load_stable_unclip(model)
+    if isinstance(model, StableUnclipComponents):
+        components = model
+    elif str(model) in STABLE_PRESETS and not Path(model).exists():
+        components = build_stable_preset(STABLE_PRESETS[str(model)], name=str(model))
+    else:
+        components = load_stable_unclip(model)
     return StableUnclipPipeline(StableTorchBackend(components, device), components)

@@ -69,6 +69,19 @@ class StableUnclipComponents:
         return {n: net for n in names if (net := getattr(self, n)) is not None}
 
 
+# preset name -> layout: text to image, and image variations
+STABLE_PRESETS = {"sd-unclip-tiny": "text", "sd-unclip-tiny-variation": "image"}
+
+
+def is_stable_unclip(model) -> bool:
+    """A Stable unCLIP preset name, components, or a folder in one of its diffusers layouts."""
+    if isinstance(model, StableUnclipComponents):
+        return True
+    if isinstance(model, (str, Path)) and not Path(model).exists():
+        return str(model) in STABLE_PRESETS
+    return isinstance(model, (str, Path)) and is_stable_unclip_folder(Path(model))
+
+
 def is_stable_unclip_folder(folder: Path) -> bool:
     index = Path(folder) / "model_index.json"
     try:
@@ -336,6 +349,18 @@ def load_stable_unclip(folder: str | Path) -> StableUnclipComponents:
         files = list((folder / name).glob("*.json"))
         return SamplerConfig.from_dict(json.loads(files[0].read_text()))
 
+    from transformers.utils import logging as transformers_logging
+
+    bar = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bars are not ours to show
+    try:
+        return _load_parts(folder, index, layout, load, sampler)
+    finally:
+        if bar:
+            transformers_logging.enable_progress_bar()
+
+
+def _load_parts(folder: Path, index: dict, layout: str, load, sampler) -> StableUnclipComponents:
     normalizer = load("image_normalizer")
     scheduler_file = next((folder / "scheduler").glob("*.json"))
     nets = {n: load(n).eval().requires_grad_(False) for n in ("text_encoder", "unet", "vae")}

@@ -31,7 +31,7 @@ def running_server(pipeline, *, model: str = "tiny", warmup: bool = False, **eng
     import uvicorn
 
     from unclip.serve.api import ServeState
-    from unclip.serve.engine import Engine
+    from unclip.serve.engine import Engine, output_size
     from unclip.serve.metrics import Metrics
     from unclip.serve.server import create_app, uvicorn_config
 
@@ -41,7 +41,7 @@ def running_server(pipeline, *, model: str = "tiny", warmup: bool = False, **eng
         engine_options.pop(k, None)
     engine = Engine(pipeline, **{"max_batch_images": 8, "max_wait_ms": 10, "max_queue": 16,
                                  "metrics": Metrics(labels={"replica": "test-replica"}), **engine_options})
-    state = ServeState(engine, model=model, image_size=pipeline.dims.super_res_size, replica="test-replica",
+    state = ServeState(engine, model=model, image_size=output_size(pipeline), replica="test-replica",
                        **state_options)
     port = free_port()
     server = uvicorn.Server(uvicorn_config(create_app(state, warmup=warmup), "127.0.0.1", port,

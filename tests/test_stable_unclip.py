@@ -234,3 +234,87 @@ def test_cli_generate_and_vary_on_the_folders(folders, pipes, tmp_path):
         assert not (tmp_path / f"bad{level}").exists()
     karlo = run_cli("generate", "x", "--model", "tiny", "--noise-level", "3", "--out", str(tmp_path / "k"))
     assert_one_line_error(karlo, "--noise-level applies to Stable unCLIP models")
+
+
+def test_batched_requests_are_each_requests_images_alone(pipes):
+    """The serving engine's batches: requests with their own generators and image counts, one batch;
+    each gets the images it gets alone (same draws from its generator)."""
+    from unclip.engine.batch import Request
+
+    ours, _ = pipes["text"]
+    settings = dict(noise_level=20, decoder_guidance=3.0, **STEPS)
+    requests = [
+        Request(
+            ["a red circle"], ours.settings(num_images=n, **settings), torch.Generator().manual_seed(seed)
+        )
+        for seed, n in ((5, 1), (6, 2))
+    ]
+    steps = []
+    batched = ours.generate_requests(requests, on_step=lambda stage, i, rows: steps.append((stage, i, rows)))
+    for got, seed, n in zip(batched, (5, 6), (1, 2), strict=True):
+        alone = ours.generate("a red circle", seed=seed, num_images=n, output_type="pt", **settings)
+        assert got.shape == alone.shape and float((got - alone).abs().max()) <= 1e-5
+    assert steps[0] == ("prior", 0, 6) and steps[-1] == (
+        "decoder",
+        4,
+        6,
+    )  # PNDM: 4 steps, 5 calls; 3 x 2 rows
+
+
+def test_http_generations_and_variations_on_the_folders(folders, pipes):
+    """/v1/images/generations and /v1/images/variations serve both layouts with the same routes: the
+    pipeline's images for the seed, noise_level and scheduler in the body, PNG text saying so, and a
+    400 naming noise_level when it is past the schedule."""
+    import base64
+    import io
+
+    import httpx
+
+    from tests.serve_helpers import running_server
+
+    ours, _ = pipes["text"]
+    with running_server(ours, model="sd-tiny") as (url, _):
+        body = dict(
+            prompt="a red circle",
+            n=2,
+            seed=7,
+            noise_level=100,
+            scheduler="ddim",
+            prior_steps=2,
+            decoder_steps=3,
+        )
+        response = httpx.post(url + "/v1/images/generations", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        got = [Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) for item in response.json()["data"]]
+        want = ours.generate(
+            "a red circle",
+            seed=7,
+            num_images=2,
+            noise_level=100,
+            scheduler="ddim",
+            prior_steps=2,
+            decoder_steps=3,
+        )
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, want, strict=True))
+        assert got[0].text["noise_level"] == "100" and got[0].text["scheduler"] == "ddim"
+        bad = httpx.post(url + "/v1/images/generations", json={**body, "noise_level": 1000}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "noise_level"
+        assert "noise_level must be an integer from 0 to 999" in bad.json()["error"]["message"]
+    vary, _ = pipes["image"]
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(
+        buffer, "PNG"
+    )
+    with running_server(vary, model="sd-tiny-variation") as (url, _):
+        response = httpx.post(
+            url + "/v1/images/variations",
+            files={"image": ("a.png", buffer.getvalue())},
+            data={"seed": "3", "noise_level": "10", "decoder_steps": "3"},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        got = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+        want = vary.vary(Image.open(io.BytesIO(buffer.getvalue())), seed=3, noise_level=10, decoder_steps=3)[
+            0
+        ]
+        assert np.array_equal(np.asarray(got), np.asarray(want)) and got.text["mode"] == "variation"

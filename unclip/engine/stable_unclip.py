@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from unclip.engine.sd_schedulers import KINDS, NAMES, SamplerConfig, Solver, add_noise
+from unclip.engine.settings import Limits
 from unclip.errors import UnclipError
 from unclip.specs import NetworkSpec, TensorSpec
 
@@ -230,7 +231,7 @@ class StableUnclipPipeline:
         self.std = components.normalizer_std.to(self.device)
         self.image_preprocess = components.image_preprocess
         self.model_name = components.name
-        self.limits = None  # unclip.Limits, when the caller gives them (unclip.load; the server)
+        self.limits = Limits()  # unclip.load(limits=...) and the server set theirs
 
     # -- settings --------------------------------------------------------------------------------
 
@@ -267,27 +268,27 @@ class StableUnclipPipeline:
                     f"{name} must be a number from 0 to 100 (above 1: classifier-free guidance), got {v!r}",
                     param=name,
                 )
-        if self.limits is not None:
-            for name in ("prior_steps", "decoder_steps"):
-                if s[name] > self.limits.max_steps:
-                    raise UnclipError(
-                        f"{name} {s[name]} is above the limit of {self.limits.max_steps} steps "
-                        "(Limits.max_steps)",
-                        param=name,
-                    )
-            for name in ("prior_guidance", "decoder_guidance"):
-                if s[name] > self.limits.max_guidance:
-                    raise UnclipError(
-                        f"{name} {s[name]} is above the limit of {self.limits.max_guidance} "
-                        "(Limits.max_guidance)",
-                        param=name,
-                    )
-            if s["num_images"] > self.limits.max_images:
+        # the caller's limits (unclip.Limits)
+        for name in ("prior_steps", "decoder_steps"):
+            if s[name] > self.limits.max_steps:
                 raise UnclipError(
-                    f"num_images {s['num_images']} is above the limit of {self.limits.max_images} "
-                    "images per call (Limits.max_images)",
-                    param="num_images",
+                    f"{name} {s[name]} is above the limit of {self.limits.max_steps} steps "
+                    "(Limits.max_steps)",
+                    param=name,
                 )
+        for name in ("prior_guidance", "decoder_guidance"):
+            if s[name] > self.limits.max_guidance:
+                raise UnclipError(
+                    f"{name} {s[name]} is above the limit of {self.limits.max_guidance} "
+                    "(Limits.max_guidance)",
+                    param=name,
+                )
+        if s["num_images"] > self.limits.max_images:
+            raise UnclipError(
+                f"num_images {s['num_images']} is above the limit of {self.limits.max_images} "
+                "images per call (Limits.max_images)",
+                param="num_images",
+            )
         if s["scheduler"] is not None and s["scheduler"] not in SCHEDULERS:
             raise UnclipError(
                 f"scheduler must be one of {', '.join(SCHEDULERS)} (or left out: the checkpoint's "
@@ -295,6 +296,30 @@ class StableUnclipPipeline:
                 param="scheduler",
             )
         return s
+
+    def settings(self, **given) -> StableSettings:
+        """The checked settings of one request (the serving engine's batch key is built from them)."""
+        return StableSettings(**self.check(given))
+
+    image_settings = settings  # variations take the same settings (the prior's are unused)
+
+    @property
+    def defaults(self) -> StableSettings:
+        """What a request gets for the settings it leaves out (the server's /v1/unclip/info)."""
+        return self.settings()
+
+    image_defaults = defaults
+
+    def check_prior(self, s) -> None:
+        """Every Stable unCLIP text request runs the prior (no prior-free mode)."""
+
+    @property
+    def has_prior(self) -> bool:
+        return self.layout == "text"
+
+    @property
+    def output_size(self) -> int:
+        return self.dims.image_size
 
     # -- entry points ---------------------------------------------------------------------------
 
@@ -309,6 +334,8 @@ class StableUnclipPipeline:
     ):
         """Images for `prompts` (prompt-major, `num_images` each): the prior's image embedding, noised
         at `noise_level`, decoded by the latent UNet and the VAE."""
+        from unclip.engine.batch import Request
+
         if self.layout != "text":
             raise UnclipError(
                 f"model {self.model_name} is an image-variation Stable unCLIP "
@@ -317,12 +344,10 @@ class StableUnclipPipeline:
                 param="prompt",
             )
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        s = self.check(settings)
-        g = generator or torch.Generator().manual_seed(seed)
-        with torch.inference_mode():
-            embeds = self._prior(prompts, s, g)
-            embeds = self._noise_embeds(embeds, s["noise_level"], g)
-            return self._decode(prompts, embeds, s, g, output_type)
+        request = Request(
+            prompts, self.settings(**settings), generator or torch.Generator().manual_seed(seed)
+        )
+        return _convert(self.generate_requests([request])[0], output_type)
 
     def vary(
         self,
@@ -336,6 +361,7 @@ class StableUnclipPipeline:
     ):
         """`num_images` variations of each image: its CLIP image embedding, noised at `noise_level`,
         decoded with new noise (and `prompt`, "" by default, as diffusers has it)."""
+        from unclip.engine.batch import Request
         from unclip.engine.image_input import load_image, pixel_values
 
         if self.layout != "image":
@@ -344,16 +370,50 @@ class StableUnclipPipeline:
                 "with no image encoder; for variations, load a StableUnCLIPImg2ImgPipeline folder",
                 param="image",
             )
-        s = self.check(settings)
         images = images if isinstance(images, list) else [images]
-        g = generator or torch.Generator().manual_seed(seed)
-        pil = [load_image(im, max_pixels=64 * 1024 * 1024) for im in images]
+        pixels = pixel_values(
+            [load_image(im, self.limits.max_image_pixels) for im in images], self.image_preprocess
+        )
+        request = Request(
+            [prompt] * len(images),
+            self.settings(**settings),
+            generator or torch.Generator().manual_seed(seed),
+            pixel_values=pixels,
+        )
+        return _convert(self.generate_requests([request])[0], output_type)
+
+    def generate_requests(self, requests: list, on_step=None) -> list[torch.Tensor | None]:
+        """Requests sharing settings but the image count (the serving engine's batches), each with its
+        own generator, run as one batch: per request, images [rows, 3, H, W] in [0, 1] on the CPU, or
+        None where it was cancelled. Each request's draws come from its generator in diffusers' order,
+        so batched images are those of the request alone."""
+        s = vars(requests[0].settings)
+        gens = [r.generator for r in requests]
+        counts = [r.settings.num_images for r in requests]
+        image = requests[0].pixel_values is not None
+        run = _Run(requests, on_step)
         with torch.inference_mode():
-            pixels = pixel_values(pil, self.image_preprocess).to(self.device)
-            embeds = self.backend.run("image_encoder", pixel_values=pixels)["image_embeds"]
-            embeds = self._noise_embeds(embeds, s["noise_level"], g)  # one draw per image, then repeated
-            embeds = embeds.repeat_interleave(s["num_images"], dim=0)
-            return self._decode([prompt] * len(images), embeds, s, g, output_type)
+            if image:
+                pixels = torch.cat([r.pixel_values for r in requests]).to(self.device)
+                embeds = self.backend.run("image_encoder", pixel_values=pixels)["image_embeds"]
+                rows = [len(r.prompts) for r in requests]  # one noise draw per image, then repeated
+                embeds = self._noise_embeds(embeds, s["noise_level"], gens, rows)
+                embeds = embeds.repeat_interleave(_repeats(requests, counts, self.device), dim=0)
+            else:
+                embeds = self._prior(requests, counts, s, gens, run)
+                if embeds is None:
+                    return [None] * len(requests)
+                embeds = self._noise_embeds(
+                    embeds,
+                    s["noise_level"],
+                    gens,
+                    [len(r.prompts) * n for r, n in zip(requests, counts, strict=True)],
+                )
+            images = self._decode(requests, counts, embeds, s, gens, run)
+        if images is None:
+            return [None] * len(requests)
+        out = list(images.cpu().split([len(r.prompts) * n for r, n in zip(requests, counts, strict=True)]))
+        return [None if run.cancelled(r) else x for r, x in zip(requests, out, strict=True)]
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -367,25 +427,37 @@ class StableUnclipPipeline:
         )
         return t.input_ids.to(self.device), t.attention_mask.bool().to(self.device)
 
-    def _prior(self, prompts: list[str], s: dict, g: torch.Generator) -> torch.Tensor:
-        n, guided = s["num_images"], s["prior_guidance"] > 1.0
+    def _draw(self, gens: list, rows: list[int], tail: tuple) -> torch.Tensor:
+        return torch.cat(
+            [
+                torch.randn((n, *tail), generator=g, device=self.device)
+                for g, n in zip(gens, rows, strict=True)
+            ]
+        )
+
+    def _prior(self, requests, counts, s: dict, gens, run) -> torch.Tensor | None:
+        guided = s["prior_guidance"] > 1.0
+        prompts = [p for r in requests for p in r.prompts]
+        repeats = _repeats(requests, counts, self.device)
         ids, mask = self._tokens(self.prior_tokenizer, prompts)
         out = self.backend.run("prior_text_encoder", input_ids=ids)
         embeds, hidden = (
-            out["text_embeds"].repeat_interleave(n, 0),
-            out["text_hidden"].repeat_interleave(n, 0),
+            out["text_embeds"].repeat_interleave(repeats, 0),
+            out["text_hidden"].repeat_interleave(repeats, 0),
         )
-        mask = mask.repeat_interleave(n, 0)
+        mask = mask.repeat_interleave(repeats, 0)
         if guided:
             uids, umask = self._tokens(self.prior_tokenizer, [""] * len(prompts))
             u = self.backend.run("prior_text_encoder", input_ids=uids)
-            embeds = torch.cat([u["text_embeds"].repeat_interleave(n, 0), embeds])
-            hidden = torch.cat([u["text_hidden"].repeat_interleave(n, 0), hidden])
-            mask = torch.cat([umask.repeat_interleave(n, 0), mask])
-        rows = len(prompts) * n
+            embeds = torch.cat([u["text_embeds"].repeat_interleave(repeats, 0), embeds])
+            hidden = torch.cat([u["text_hidden"].repeat_interleave(repeats, 0), hidden])
+            mask = torch.cat([umask.repeat_interleave(repeats, 0), mask])
+        rows = [len(r.prompts) * n for r, n in zip(requests, counts, strict=True)]
         solver = Solver(self.prior_scheduler, s["prior_steps"])
-        x = torch.randn((rows, self.dims.embed_dim), generator=g, device=self.device)
+        x = self._draw(gens, rows, (self.dims.embed_dim,))
         for i, t in enumerate(solver.timesteps):
+            if run.all_cancelled():
+                return None
             x_in = torch.cat([x, x]) if guided else x
             timestep = torch.full((x_in.shape[0],), float(t), device=self.device)
             pred = self.backend.run(
@@ -399,15 +471,16 @@ class StableUnclipPipeline:
             if guided:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + s["prior_guidance"] * (cond - uncond)
-            noise = torch.randn(pred.shape, generator=g, device=self.device) if solver.has_noise[i] else None
+            noise = self._draw(gens, rows, pred.shape[1:]) if solver.has_noise[i] else None
             x = solver.step(i, pred, x, noise)
+            run.step("prior", i, x_in.shape[0])
         c = self.backend.constants()
         return x * c["clip_std"] + c["clip_mean"]
 
-    def _noise_embeds(self, embeds: torch.Tensor, level: int, g: torch.Generator) -> torch.Tensor:
+    def _noise_embeds(self, embeds: torch.Tensor, level: int, gens, rows: list[int]) -> torch.Tensor:
         """diffusers' noise_image_embeddings: normalise, noise to `level`, unnormalise, append the level's
         sinusoidal embedding."""
-        noise = torch.randn(embeds.shape, generator=g, device=self.device)
+        noise = self._draw(gens, rows, embeds.shape[1:])
         embeds = (embeds - self.mean) * 1.0 / self.std
         embeds = add_noise(self.noising, embeds, noise, level)
         embeds = embeds * self.std + self.mean
@@ -415,25 +488,28 @@ class StableUnclipPipeline:
         return torch.cat((embeds, timestep_embedding(levels, embeds.shape[-1]).to(embeds.dtype)), 1)
 
     def _decode(
-        self, prompts: list[str], class_labels: torch.Tensor, s: dict, g: torch.Generator, output_type: str
-    ):
-        n, guided = s["num_images"], s["decoder_guidance"] > 1.0
+        self, requests, counts, class_labels: torch.Tensor, s: dict, gens, run
+    ) -> torch.Tensor | None:
+        guided = s["decoder_guidance"] > 1.0
+        prompts = [p for r in requests for p in r.prompts]
+        repeats = _repeats(requests, counts, self.device)
         ids, _ = self._tokens(self.tokenizer, prompts)
-        hidden = self.backend.run("text_encoder", input_ids=ids)["text_hidden"].repeat_interleave(n, 0)
+        hidden = self.backend.run("text_encoder", input_ids=ids)["text_hidden"].repeat_interleave(repeats, 0)
         if guided:
             uids, _ = self._tokens(self.tokenizer, [""] * len(prompts))
-            uncond = self.backend.run("text_encoder", input_ids=uids)["text_hidden"].repeat_interleave(n, 0)
+            uncond = self.backend.run("text_encoder", input_ids=uids)["text_hidden"].repeat_interleave(
+                repeats, 0
+            )
             hidden = torch.cat([uncond, hidden])
             class_labels = torch.cat([torch.zeros_like(class_labels), class_labels])
         config = SamplerConfig.from_dict(self.scheduler, kind=s["scheduler"])
         solver = Solver(config, s["decoder_steps"])
         d = self.dims
-        x = torch.randn(
-            (len(prompts) * n, d.latent_channels, d.latent_size, d.latent_size),
-            generator=g,
-            device=self.device,
-        )
+        rows = [len(r.prompts) * n for r, n in zip(requests, counts, strict=True)]
+        x = self._draw(gens, rows, (d.latent_channels, d.latent_size, d.latent_size))
         for i, t in enumerate(solver.timesteps):
+            if run.all_cancelled():
+                return None
             x_in = torch.cat([x, x]) if guided else x
             timestep = torch.full((x_in.shape[0],), float(t), device=self.device)
             pred = self.backend.run(
@@ -443,16 +519,57 @@ class StableUnclipPipeline:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + s["decoder_guidance"] * (cond - uncond)
             x = solver.step(i, pred, x)
+            run.step("decoder", i, x_in.shape[0])
         image = self.backend.run("vae_decoder", latents=x)["image"]
-        image = (image / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            return image.cpu()
-        array = image.cpu().permute(0, 2, 3, 1).float().numpy()
-        if output_type == "np":
-            return array
-        from PIL import Image
+        return (image / 2 + 0.5).clamp(0, 1)
 
-        return [Image.fromarray(im) for im in (array * 255).round().astype(np.uint8)]
+
+@dataclass(frozen=True)
+class StableSettings:
+    """One request's settings (hashable: the serving engine batches requests whose settings, but the
+    image count, are equal)."""
+
+    num_images: int
+    prior_steps: int
+    prior_guidance: float
+    decoder_steps: int
+    decoder_guidance: float
+    noise_level: int
+    scheduler: str | None
+
+
+class _Run:
+    """Progress and cancellation of one batch (between steps: every request gone stops the batch)."""
+
+    def __init__(self, requests, on_step):
+        self.requests, self.on_step = requests, on_step
+
+    @staticmethod
+    def cancelled(request) -> bool:
+        return request.cancelled is not None and bool(request.cancelled())
+
+    def all_cancelled(self) -> bool:
+        return all(self.cancelled(r) for r in self.requests)
+
+    def step(self, stage: str, i: int, rows: int) -> None:
+        if self.on_step is not None:
+            self.on_step(stage, i, rows)
+
+
+def _repeats(requests, counts, device) -> torch.Tensor:
+    return torch.tensor([n for r, n in zip(requests, counts, strict=True) for _ in r.prompts], device=device)
+
+
+def _convert(images: torch.Tensor, output_type: str):
+    """[N, 3, H, W] in [0, 1] as diffusers' image processor returns it: pt, np (NHWC) or PIL."""
+    if output_type == "pt":
+        return images
+    array = images.permute(0, 2, 3, 1).float().numpy()
+    if output_type == "np":
+        return array
+    from PIL import Image
+
+    return [Image.fromarray(im) for im in (array * 255).round().astype(np.uint8)]
 
 
 def load_stable_pipeline(model, device: str = "cpu") -> StableUnclipPipeline:

@@ -38,9 +38,11 @@ log = logging.getLogger("unclip.serve")
 
 GENERATIONS = "/v1/images/generations"
 VARIATIONS = "/v1/images/variations"
+# noise_level, scheduler: Stable unCLIP models' (a Karlo model refuses them: 400 naming the field)
 TUNABLE = ("prior_steps", "decoder_steps", "super_res_steps", "prior_guidance", "decoder_guidance",
-           "use_prior")
-IMAGE_TUNABLE = ("decoder_steps", "super_res_steps", "decoder_guidance")  # image-conditioned: no prior
+           "use_prior", "noise_level", "scheduler")
+IMAGE_TUNABLE = ("decoder_steps", "super_res_steps", "decoder_guidance", "noise_level",
+                 "scheduler")  # image-conditioned: no prior
 
 
 @dataclass
@@ -91,6 +93,8 @@ class _ImageFields(BaseModel):
     decoder_steps: int | None = None
     super_res_steps: int | None = None
     decoder_guidance: float | None = None
+    noise_level: int | None = None  # Stable unCLIP: noise added to the image embedding (0 .. 999)
+    scheduler: str | None = None  # Stable unCLIP: pndm, ddim or dpm++ (default: the checkpoint's)
     stream: bool = False  # Server-Sent Events: partial images, then the images (OpenAI's image streaming)
     partial_images: int | None = None  # 0-3 previews per image, with stream
 
@@ -303,10 +307,11 @@ async def generations(request: Request) -> Response:
         return body, functools.partial(state.engine.generate, body.prompt, n=body.n, seed=body.seed,
                                        timeout_s=state.timeout_s, admission=admission, **settings)
 
-    return await serve_images(request, state, start, lambda body, s: {
-        "prompt": body.prompt, "steps": f"prior {s.prior_steps}, decoder {s.decoder_steps}, super-res "
-        f"{s.super_res_steps}", "guidance": f"prior {s.prior_guidance}, decoder {s.decoder_guidance}",
-        "prior": "yes" if s.use_prior else "no"})
+    return await serve_images(request, state, start, lambda body, s: {"prompt": body.prompt, **(
+        stable_description(s, prior=True) if hasattr(s, "noise_level") else {
+            "steps": f"prior {s.prior_steps}, decoder {s.decoder_steps}, super-res {s.super_res_steps}",
+            "guidance": f"prior {s.prior_guidance}, decoder {s.decoder_guidance}",
+            "prior": "yes" if s.use_prior else "no"})})
 
 
 @router.post(VARIATIONS)
@@ -321,9 +326,19 @@ async def variations(request: Request) -> Response:
         return body, functools.partial(state.engine.vary, image, n=body.n, seed=body.seed,
                                        timeout_s=state.timeout_s, admission=admission, **settings)
 
-    return await serve_images(request, state, start, lambda body, s: {
-        "mode": "variation", "steps": f"decoder {s.decoder_steps}, super-res {s.super_res_steps}",
-        "guidance": f"decoder {s.decoder_guidance}"})
+    return await serve_images(request, state, start, lambda body, s: {"mode": "variation", **(
+        stable_description(s, prior=False) if hasattr(s, "noise_level") else {
+            "steps": f"decoder {s.decoder_steps}, super-res {s.super_res_steps}",
+            "guidance": f"decoder {s.decoder_guidance}"})})
+
+
+def stable_description(s, prior: bool) -> dict[str, str]:
+    """A Stable unCLIP request's PNG text (as `unclip generate` writes it)."""
+    from unclip.cli_options import stable_metadata
+
+    meta = stable_metadata(vars(s), 0, "")
+    return {k: meta[k] if prior or k not in ("steps", "guidance") else meta[k].split(", ")[-1]
+            for k in ("steps", "guidance", "noise_level", "scheduler")}
 
 
 async def serve_images(request: Request, state: ServeState, start, describe) -> Response:
@@ -512,7 +527,8 @@ async def interpolations(request: Request) -> Response:
                                "field)", param=name, code="missing_parameter")
             ends[name] = fields.pop(name) if name in fields else files[name]
         body = parse_request(fields, state, InterpolationForm)
-        settings = {k: getattr(body, k) for k in TUNABLE if k != "use_prior" and getattr(body, k) is not None}
+        settings = {k: getattr(body, k) for k in TUNABLE  # an interpolation has no Stable unCLIP fields
+                    if k != "use_prior" and getattr(body, k, None) is not None}
         return body, functools.partial(state.engine.interpolate, ends["a"], ends["b"], body.frames,
                                        seed=body.seed, timeout_s=state.timeout_s, admission=admission,
                                        **settings)
@@ -536,8 +552,9 @@ async def info(request: Request) -> JSONResponse:
     return JSONResponse({
         "model": state.model, "size": state.size, "has_prior": pipe.has_prior,
         "variations": pipe.image_preprocess is not None,
-        "defaults": {k: getattr(pipe.defaults, k) for k in names},
-        "image_defaults": {k: getattr(pipe.image_defaults, k) for k in IMAGE_TUNABLE},
+        "defaults": {k: getattr(pipe.defaults, k) for k in names if hasattr(pipe.defaults, k)},
+        "image_defaults": {k: getattr(pipe.image_defaults, k) for k in IMAGE_TUNABLE
+                           if hasattr(pipe.image_defaults, k)},  # each family has its own settings
         "limits": {"max_images": limits.max_images, "max_steps": limits.max_steps,
                    "max_guidance": limits.max_guidance, "max_prompt_chars": limits.max_prompt_chars,
                    "max_partial_images": MAX_PARTIAL_IMAGES, "max_upload_bytes": state.max_upload_bytes}})

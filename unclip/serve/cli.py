@@ -38,6 +38,7 @@ def serve(**values) -> None:
         return _serve_on_ray(options)
     import unclip
     from unclip.serve.api import ServeState
+    from unclip.serve.engine import output_size
     from unclip.serve.metrics import Metrics
     from unclip.serve.server import run_server
 
@@ -45,7 +46,7 @@ def serve(**values) -> None:
     engine = engine_for(options, lambda: unclip.load(**options.load_kwargs(), limits=limits_for(options)),
                         Metrics(labels={"replica": replica}), MAX_WAIT_MS)
     pipe = engine.wait_loaded()
-    state = ServeState.from_options(engine, options.replica_options(), pipe.dims.super_res_size, replica)
+    state = ServeState.from_options(engine, options.replica_options(), output_size(pipe), replica)
     log_to_stderr()
     keys = ("API key required" if state.key_digests
             else "no API key (loopback only, or --allow-unauthenticated)")
@@ -107,9 +108,10 @@ def _serve_on_ray(options: ServeOptions) -> None:
                           "pip install 'unclip[ray]'") from None
     from unclip.models import resolve_model_path
     from unclip.models.presets import PRESETS
+    from unclip.models.stable_unclip import STABLE_PRESETS
     from unclip.serve.ray_app import run_local
 
-    if options.model not in PRESETS and "{gpu}" not in options.model:
+    if options.model not in PRESETS and options.model not in STABLE_PRESETS and "{gpu}" not in options.model:
         resolve_model_path(options.model)  # the replicas load it here: a wrong path fails before Ray starts
     max_ongoing = options.max_ongoing_requests or 2 * options.max_batch_images
     # the engine holds every request Ray lets through to its replica; Ray queues the rest

@@ -159,6 +159,11 @@ def load_endpoint(pipeline: Pipeline, image, name: str):
     return loaded
 
 
+def output_size(pipeline) -> int:
+    """The side of the images a model makes (Karlo: super-resolution's; Stable unCLIP: the VAE's)."""
+    return getattr(pipeline, "output_size", None) or pipeline.dims.super_res_size
+
+
 class Admission:
     """A place in the engine's queue, taken before a request's body is read or decoded; it becomes
     the request's queue entry when submitted with it, or is given back by `release()` (idempotent)."""
@@ -443,7 +448,7 @@ class Engine:
         if not self.pipeline.has_prior:  # a variation-only model: warm up with a variation of a grey image
             from PIL import Image
 
-            grey = Image.new("RGB", (self.pipeline.dims.super_res_size,) * 2, (128, 128, 128))
+            grey = Image.new("RGB", (output_size(self.pipeline),) * 2, (128, 128, 128))
             return self.submit_variation(grey, seed=0, **settings).future.result()
         return self.submit("warm-up", seed=0, **settings).future.result()
 

@@ -55,6 +55,7 @@ class UnclipReplica:
         import unclip
         from unclip.serve.api import ServeState
         from unclip.serve.cli import RAY_MAX_WAIT_MS, engine_for, limits_for, log_to_stderr
+        from unclip.serve.engine import output_size
         from unclip.serve.metrics import Metrics
         from unclip.serve.server import warm_up
 
@@ -66,7 +67,7 @@ class UnclipReplica:
         engine = engine_for(a, lambda: unclip.load(**load, limits=limits_for(a)),
                             Metrics(labels={"replica": replica}), RAY_MAX_WAIT_MS)
         pipe = engine.wait_loaded()
-        self.state = ServeState.from_options(engine, a, pipe.dims.super_res_size, replica)
+        self.state = ServeState.from_options(engine, a, output_size(pipe), replica)
         # Ray routes to a replica once __init__ returns: warm up first, so no request waits on it
         # (a failure raises: Ray replaces a replica whose constructor fails)
         warm_up(self.state)

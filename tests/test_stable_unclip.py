@@ -318,3 +318,76 @@ def test_http_generations_and_variations_on_the_folders(folders, pipes):
             0
         ]
         assert np.array_equal(np.asarray(got), np.asarray(want)) and got.text["mode"] == "variation"
+
+
+# The fp32 export's bound against diffusers, in uint8 levels: the networks validate within 1e-4 of torch
+# (the manifest), and the pipelines run the same draws. Measured 0.0017/255 (ONNX Runtime) and
+# 0.0022/255 (OpenVINO) on tiny.
+EXPORT_TOLERANCE = 2 / 255
+
+
+@pytest.fixture(scope="module")
+def exported(folders, tmp_path_factory):
+    from unclip.export.stable_unclip_onnx import export_stable_onnx
+
+    root = tmp_path_factory.mktemp("stable_onnx")
+    # validated at the guided batch only: the tests below compare whole images with diffusers anyway
+    return {
+        layout: export_stable_onnx(folders[layout], root / layout, batch_sizes=(2,)) and root / layout
+        for layout in ("text", "image")
+    }
+
+
+def test_onnx_export_runs_on_onnxruntime_and_openvino_like_diffusers(exported, pipes):
+    import unclip
+
+    _, theirs = pipes["text"]
+    want = with_scheduler(theirs, "ddim")(
+        prompt=["a red circle", "a cat"],
+        num_images_per_prompt=2,
+        prior_num_inference_steps=3,
+        num_inference_steps=4,
+        noise_level=40,
+        generator=torch.Generator().manual_seed(8),
+        output_type="np",
+    ).images
+    for runtime in ("onnxruntime", "openvino"):
+        pipe = unclip.load(exported["text"], backend=runtime)
+        assert pipe.backend.name == runtime
+        got = pipe.generate(
+            ["a red circle", "a cat"],
+            seed=8,
+            num_images=2,
+            scheduler="ddim",
+            noise_level=40,
+            output_type="np",
+            **STEPS,
+        )
+        assert float(np.abs(got - want).max()) <= EXPORT_TOLERANCE
+    _, theirs = pipes["image"]
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (36, 30, 3), dtype=np.uint8))
+    want = with_scheduler(theirs, None)(
+        image=image,
+        num_images_per_prompt=2,
+        num_inference_steps=4,
+        noise_level=5,
+        generator=torch.Generator().manual_seed(1),
+        output_type="np",
+    ).images
+    got = unclip.load(exported["image"], backend="onnxruntime").vary(
+        image, seed=1, num_images=2, noise_level=5, decoder_steps=4, output_type="np"
+    )
+    assert float(np.abs(got - want).max()) <= EXPORT_TOLERANCE
+
+
+def test_a_changed_export_file_is_refused(exported, tmp_path):
+    import shutil
+
+    import unclip
+
+    damaged = shutil.copytree(exported["text"], tmp_path / "x")
+    (damaged / "stable_unclip.json").write_text("{}")
+    with pytest.raises(UnclipError, match=r"stable_unclip.json is changed since the export"):
+        unclip.load(damaged, backend="onnxruntime")
+    with pytest.raises(UnclipError, match="is an export folder: load it with --backend onnxruntime"):
+        unclip.load(exported["text"])

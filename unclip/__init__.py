@@ -119,12 +119,30 @@ def _load_stable(model, backend: str, device: str, dtype: str, cuda_graphs: bool
     from unclip.engine.stable_unclip import load_stable_pipeline
 
     given = [name for name, on in (("--dtype " + dtype, dtype != "fp32"), ("--cuda-graphs", cuda_graphs),
-                                   ("--kernels", kernels), (f"--step-cache {step_cache}", step_cache != 1),
-                                   (f"--backend {backend}", backend != "torch")) if on]
+                                   ("--kernels", kernels), (f"--step-cache {step_cache}", step_cache != 1))
+             if on]
     if given:
         raise UnclipError(f"{given[0]} is not available for Stable unCLIP models yet (they run on --backend "
                           "torch in float32); drop it")
-    logging.getLogger("unclip").info("loading %s (Stable unCLIP) ...", model)
+    from unclip.export.stable_unclip_onnx import is_stable_artifact
+
+    logging.getLogger("unclip").info("loading %s (Stable unCLIP, %s) ...", model, backend)
+    exported = not isinstance(model, str | Path) or is_stable_artifact(model)
+    if backend in ("onnxruntime", "openvino"):
+        if not (isinstance(model, str | Path) and exported):
+            raise UnclipError(f"with --backend {backend}, --model must be a folder made by `unclip export "
+                              f"onnx`; {model} is a Stable unCLIP checkpoint: export it first, or use "
+                              "--backend torch")
+        if device != "cpu":
+            raise UnclipError(f"Stable unCLIP exports run on --device cpu with --backend {backend} for now")
+        from unclip.engine.stable_unclip_runtime import load_stable_export
+
+        return load_stable_export(model, backend)
+    if backend != "torch":
+        raise UnclipError(f"--backend {backend} does not run Stable unCLIP models yet; use torch, "
+                          "onnxruntime or openvino")
+    if isinstance(model, str | Path) and exported:
+        raise UnclipError(f"{model} is an export folder: load it with --backend onnxruntime or openvino")
     return load_stable_pipeline(model, device)
 
 

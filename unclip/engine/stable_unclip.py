@@ -38,6 +38,7 @@ DEFAULTS = dict(
 class StableDims:
     embed_dim: int  # the CLIP image embedding the UNet is conditioned on
     text_len: int
+    text_vocab: int  # token ids below this are valid for both tokenizers (export's example inputs)
     text_dim: int  # the UNet text encoder's width (its cross-attention input)
     latent_channels: int
     latent_size: int
@@ -143,6 +144,10 @@ def stable_dims(c) -> StableDims:
     return StableDims(
         embed_dim=c.normalizer_mean.shape[-1],
         text_len=c.tokenizer.model_max_length,
+        text_vocab=min(
+            c.text_encoder.config.vocab_size,
+            c.text_encoder.config.vocab_size if c.prior is None else c.prior_text_encoder.config.vocab_size,
+        ),
         text_dim=c.text_encoder.config.hidden_size,
         latent_channels=c.unet.config.in_channels,
         latent_size=c.unet.config.sample_size,

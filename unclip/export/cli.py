@@ -44,11 +44,20 @@ def onnx(model: str, out: Path, precision: str, opset: int, batch_sizes: str, se
          allow_pickle: bool, step_cache: bool) -> None:
     """Export every network to ONNX in OUT: validated, with manifest.json, tokenizer and configs."""
     from unclip.export.onnx_export import check_export_args, export_onnx
+    from unclip.models.stable_unclip import is_stable_unclip
 
     sizes = parse_batch_sizes(batch_sizes)
     check_export_args(precision, opset, sizes)
-    manifest = export_onnx(model, out, precision=precision, opset=opset, batch_sizes=sizes,
-                           allow_pickle=allow_pickle, seed=seed, step_cache=step_cache)
+    if is_stable_unclip(model):  # the second family: its own networks and runtime files
+        from unclip.export.stable_unclip_onnx import export_stable_onnx
+
+        if step_cache or allow_pickle:
+            raise UnclipError("--step-cache and --allow-pickle apply to Karlo-style models; drop them")
+        manifest = export_stable_onnx(model, out, precision=precision, opset=opset, batch_sizes=sizes,
+                                      seed=seed)
+    else:
+        manifest = export_onnx(model, out, precision=precision, opset=opset, batch_sizes=sizes,
+                               allow_pickle=allow_pickle, seed=seed, step_cache=step_cache)
     for name, entry in manifest["networks"].items():
         worst = max(e["max_abs"] for errors in entry["validation"].values() for e in errors.values())
         trt = ", ".join(entry["tensorrt_unsupported_ops"]) or "none"

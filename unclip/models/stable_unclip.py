@@ -79,7 +79,11 @@ def is_stable_unclip(model) -> bool:
         return True
     if isinstance(model, (str, Path)) and not Path(model).exists():
         return str(model) in STABLE_PRESETS
-    return isinstance(model, (str, Path)) and is_stable_unclip_folder(Path(model))
+    if not isinstance(model, (str, Path)):
+        return False
+    from unclip.export.stable_unclip_onnx import is_stable_artifact
+
+    return is_stable_unclip_folder(Path(model)) or is_stable_artifact(model)
 
 
 def is_stable_unclip_folder(folder: Path) -> bool:

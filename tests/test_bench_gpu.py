@@ -176,7 +176,7 @@ def part_document(suite, model: str, medians: dict[str, float]) -> dict:
         for scale in (0.99, 1.0, 1.01):
             calls = [["prior", 2, 0.1 * ms * scale], ["decoder", 2, 0.5 * ms * scale]]
             stages = {"text_encoder": 0.0, "prior": 0.2 * ms * scale, "decoder": 0.6 * ms * scale,
-                      "super_res": 0.2 * ms * scale, "post_processing": 0.0}
+                      "super_res": 0.2 * ms * scale, "vae": 0.0, "post_processing": 0.0}
             results.add(name, 1, {"latency_ms": ms * scale, "stages_ms": stages, "calls": calls})
     results.flops = {("prior", 2): 10**9, ("decoder", 2): 10**10}
     results.matmul_peak = {"tflops": 800.0, "n": 8192, "dtype": "bfloat16", "iterations": 20}

@@ -16,6 +16,13 @@ from unclip.models.presets import PRESETS
 
 def _export_onnx(model: str, out: Path, step_cache: bool = False) -> None:
     from unclip.export.onnx_export import export_onnx
+    from unclip.models.stable_unclip import is_stable_unclip
+
+    if is_stable_unclip(model):
+        from unclip.export.stable_unclip_onnx import export_stable_onnx
+
+        export_stable_onnx(model, out, batch_sizes=(1,), seed=0)
+        return
 
     # validated at batch 1 only: the bench compares the images it makes with the baseline anyway
     export_onnx(model, out, precision="fp32", batch_sizes=(1,), seed=0, step_cache=step_cache)
@@ -28,8 +35,9 @@ EXPORTERS = {"onnxruntime": ("onnx-fp32", _export_onnx), "openvino": ("onnx-fp32
 def cache_key(model: str) -> str:
     """A preset is its name (weights are seeded); a folder is its path and newest file time."""
     from unclip.models import resolve_model_path
+    from unclip.models.stable_unclip import STABLE_PRESETS
 
-    if not Path(model).exists() and model in PRESETS:
+    if not Path(model).exists() and (model in PRESETS or model in STABLE_PRESETS):
         return f"preset-{model}-seed0"
     path = resolve_model_path(model)  # 'demo' is the folder shipped in the package
     newest = max((f.stat().st_mtime_ns for f in path.rglob("*") if f.is_file()), default=0)

@@ -22,10 +22,17 @@ def diffusers_pipeline(components: UnclipComponents, device: str):
 
     c = components
     pipe = UnCLIPPipeline(
-        prior=c.prior, decoder=c.decoder, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-        text_proj=c.text_proj, super_res_first=c.super_res_first, super_res_last=c.super_res_last,
-        prior_scheduler=scheduler("prior_scheduler"), decoder_scheduler=scheduler("decoder_scheduler"),
-        super_res_scheduler=scheduler("super_res_scheduler"))
+        prior=c.prior,
+        decoder=c.decoder,
+        text_encoder=c.text_encoder,
+        tokenizer=c.tokenizer,
+        text_proj=c.text_proj,
+        super_res_first=c.super_res_first,
+        super_res_last=c.super_res_last,
+        prior_scheduler=scheduler("prior_scheduler"),
+        decoder_scheduler=scheduler("decoder_scheduler"),
+        super_res_scheduler=scheduler("super_res_scheduler"),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -50,12 +57,61 @@ def attach_timeline(pipe, timeline: CallTimeline) -> None:
         module.register_forward_hook(after, with_kwargs=True)
 
 
+STABLE_HOOKS = {
+    "prior_text_encoder": "prior_text_encoder",
+    "prior": "prior",
+    "image_encoder": "image_encoder",
+    "text_encoder": "text_encoder",
+    "unet": "unet",
+    "vae_decoder": "vae",
+}
+
+
+def attach_stable_timeline(pipe, timeline: CallTimeline) -> None:
+    """diffusers' Stable unCLIP pipelines: the same hooks, on the networks it has; its VAE is called by
+    `decode` (a method, not forward), so the VAE's hooks sit on `vae.decoder` and `post_quant_conv` runs
+    just outside (a 1x1 convolution)."""
+    for name, attribute in STABLE_HOOKS.items():
+        module = getattr(pipe, attribute, None)
+        if module is None:
+            continue
+        module = module.decoder if name == "vae_decoder" else module
+
+        def before(_module, args, kwargs, name=name):
+            timeline.begin(name, _rows(args, kwargs))
+
+        def after(_module, _args, _kwargs, _output):
+            timeline.end()
+
+        module.register_forward_pre_hook(before, with_kwargs=True)
+        module.register_forward_hook(after, with_kwargs=True)
+
+
+def generate_stable(pipe, prompts: list[str], seed: int, settings: dict):
+    """The request our StableUnclipPipeline.generate gets, in diffusers' argument names."""
+    return pipe(
+        prompt=prompts,
+        num_images_per_prompt=1,
+        prior_num_inference_steps=settings["prior_steps"],
+        num_inference_steps=settings["decoder_steps"],
+        prior_guidance_scale=settings["prior_guidance"],
+        guidance_scale=settings["decoder_guidance"],
+        noise_level=settings.get("noise_level", 0),
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="pil",
+    ).images
+
+
 def generate(pipe, prompts: list[str], seed: int, settings: dict):
     """The same request our Pipeline.generate gets, in diffusers' argument names."""
-    return pipe(prompts, num_images_per_prompt=1,
-                prior_num_inference_steps=settings["prior_steps"],
-                decoder_num_inference_steps=settings["decoder_steps"],
-                super_res_num_inference_steps=settings["super_res_steps"],
-                prior_guidance_scale=settings["prior_guidance"],
-                decoder_guidance_scale=settings["decoder_guidance"],
-                generator=torch.Generator("cpu").manual_seed(seed), output_type="pil").images
+    return pipe(
+        prompts,
+        num_images_per_prompt=1,
+        prior_num_inference_steps=settings["prior_steps"],
+        decoder_num_inference_steps=settings["decoder_steps"],
+        super_res_num_inference_steps=settings["super_res_steps"],
+        prior_guidance_scale=settings["prior_guidance"],
+        decoder_guidance_scale=settings["decoder_guidance"],
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="pil",
+    ).images

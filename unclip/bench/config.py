@@ -80,8 +80,9 @@ def model_folder(model: str) -> Path | None:
     """The checkpoint folder of `model` ('demo' included); None for a preset name."""
     from unclip.models import resolve_model_path
     from unclip.models.presets import PRESETS
+    from unclip.models.stable_unclip import STABLE_PRESETS
 
-    if not Path(model).exists() and model in PRESETS:
+    if not Path(model).exists() and (model in PRESETS or model in STABLE_PRESETS):
         return None
     try:
         return resolve_model_path(model)
@@ -92,7 +93,9 @@ def model_folder(model: str) -> Path | None:
 
 def can_evaluate(folder: Path | None) -> bool:
     """The scorer reads shapes-world images and needs the model's CLIP image tower."""
-    return folder is not None and (folder / "image_encoder").is_dir()
+    from unclip.models.stable_unclip import is_stable_unclip
+
+    return folder is not None and (folder / "image_encoder").is_dir() and not is_stable_unclip(folder)
 
 
 def parse_list(option: str, text: str, item=str) -> tuple:

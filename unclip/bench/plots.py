@@ -39,7 +39,7 @@ def write_plots(doc: dict, out: Path) -> list[Path]:
     for ax, batch in zip(axes[0], batches, strict=True):
         here = [r for r in runs if r["batch_size"] == batch]
         bottom = [0.0] * len(here)
-        for stage in STAGES:
+        for stage in [k for k in STAGES if any(r["stages_ms"].get(k) for r in runs)]:
             values = [r["stages_ms"][stage] for r in here]
             ax.bar([_label(r) for r in here], values, bottom=bottom, label=STAGE_TITLES[stage])
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]

@@ -15,7 +15,12 @@ from unclip.bench.results import Results, write_atomic, write_json
 from unclip.engine.profiling import STAGES
 
 STAGE_TITLES = {"text_encoder": "text encoder", "prior": "prior loop", "decoder": "decoder loop",
-                "super_res": "super-res loop", "post_processing": "post-processing"}
+                "super_res": "super-res loop", "vae": "VAE decode", "post_processing": "post-processing"}
+
+
+def shown_stages(runs: list[dict]) -> list[str]:
+    """The stages this model has (a family without super-resolution or without a VAE shows none)."""
+    return [k for k in STAGES if k == "post_processing" or any(r["stages_ms"].get(k) for r in runs)]
 
 
 def _f(value: float | None, digits: int = 1) -> str:
@@ -143,11 +148,11 @@ def markdown(doc: dict) -> str:
         lines += ["## Ratio to the baseline", "", *notes, ""]
 
     lines += ["## Time per stage", "", "Median ms (achieved TFLOP/s in brackets).", "",
-              "| backend | batch | " + " | ".join(STAGE_TITLES[k] for k in STAGES) + " |",
-              "|---|---:|" + "---:|" * len(STAGES)]
+              "| backend | batch | " + " | ".join(STAGE_TITLES[k] for k in shown_stages(runs)) + " |",
+              "|---|---:|" + "---:|" * len(shown_stages(runs))]
     for r in runs:
         cells = []
-        for k in STAGES:
+        for k in shown_stages(runs):
             tf = r["stage_tflops"].get(k)
             cells.append(_f(r["stages_ms"][k]) + ("" if tf is None else f" ({tf:.3f})"))
         lines.append(f"| {_name(r)} | {r['batch_size']} | " + " | ".join(cells) + " |")

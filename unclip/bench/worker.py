@@ -26,6 +26,7 @@ import torch
 from unclip.engine.profiling import CallTimeline, TimedBackend, count_flops, matmul_peak_tflops, split_stages
 
 BASELINE = "diffusers"
+STABLE_SETTINGS = ("prior_steps", "decoder_steps", "prior_guidance", "decoder_guidance")
 
 
 class Runner:
@@ -41,7 +42,18 @@ class Runner:
         self.progress: Callable[[int], None] | None = None  # main() sends {"progress": n} lines with it
 
     def load(self) -> None:
-        if self.kind == BASELINE:
+        from unclip.models.stable_unclip import is_stable_unclip
+
+        self.stable = is_stable_unclip(self.spec["model"])
+        if self.kind == BASELINE and self.stable:  # diffusers' StableUnCLIPPipeline over the same networks
+            from unclip.bench.baseline import attach_stable_timeline
+            from unclip.models.stable_unclip import diffusers_pipeline, load_stable_components
+
+            self.components = load_stable_components(self.spec["model"])
+            self.pipe = diffusers_pipeline(self.components).to(self.spec["device"])
+            self.pipe.set_progress_bar_config(disable=True)
+            attach_stable_timeline(self.pipe, self.timeline)
+        elif self.kind == BASELINE:
             from unclip.bench.baseline import attach_timeline, diffusers_pipeline
             from unclip.models import load_model
 
@@ -62,6 +74,13 @@ class Runner:
 
     def generate(self, batch: int) -> list:
         prompts = [self.spec["prompt"]] * batch
+        if getattr(self, "stable", False):  # Stable unCLIP: its settings (no super-resolution stage)
+            settings = {k: self.settings[k] for k in STABLE_SETTINGS if k in self.settings}
+            if self.kind == BASELINE:
+                from unclip.bench.baseline import generate_stable
+
+                return generate_stable(self.pipe, prompts, self.spec["seed"], settings)
+            return self.pipe.generate(prompts, seed=self.spec["seed"], **settings)
         if self.kind == BASELINE:
             from unclip.bench.baseline import generate
 
@@ -117,6 +136,19 @@ class Runner:
 
     def cmd_flops(self, keys: list[list]) -> dict:
         """FLOPs of one call of each (network, rows), counted on our adapters of the loaded networks."""
+        if getattr(self, "stable", False):
+            from unclip.engine.stable_unclip import StableTorchBackend
+            from unclip.specs import example_inputs
+
+            backend = StableTorchBackend(self.components, self.device)
+            out = []
+            for network, rows in keys:
+                generator = torch.Generator().manual_seed(0)
+                inputs = example_inputs(backend.specs[network], backend.dims, rows, generator)
+                inputs = [t.to(self.device) for t in inputs.values()]
+                out.append([network, rows, count_flops(backend.networks[network], inputs)])
+            self.timeline.start()
+            return {"flops": out}
         from unclip.models.networks import adapters, model_dims
         from unclip.models.step_cache import cached_adapters, cached_specs, feature_channels
         from unclip.specs import example_inputs, network_specs

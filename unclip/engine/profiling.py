@@ -17,13 +17,16 @@ from dataclasses import dataclass, field
 import torch
 
 # Each network belongs to the stage that calls it; text_proj prepares the decoder's conditioning.
+# Stable unCLIP: its latent UNet is the decoder stage, its VAE a stage of its own (Karlo has none: 0);
+# its UNet's text encoder runs after the prior, so its few milliseconds count in the prior stage.
 STAGE_OF_NETWORK = {
     "text_encoder": "text_encoder", "image_encoder": "text_encoder",  # the encoders of the conditioning
     "prior": "prior", "text_proj": "decoder", "decoder": "decoder",
     "decoder_full": "decoder", "decoder_shallow": "decoder",  # the step cache's pair
     "super_res_first": "super_res", "super_res_last": "super_res",
+    "prior_text_encoder": "text_encoder", "unet": "decoder", "vae_decoder": "vae",  # Stable unCLIP
 }
-STAGES = ("text_encoder", "prior", "decoder", "super_res", "post_processing")
+STAGES = ("text_encoder", "prior", "decoder", "super_res", "vae", "post_processing")
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -579,17 +578,7 @@ def _convert(images: torch.Tensor, output_type: str):
 
 def load_stable_pipeline(model, device: str = "cpu") -> StableUnclipPipeline:
     """A Stable unCLIP folder (either diffusers layout) or loaded components, on the torch backend."""
-    from unclip.models.stable_unclip import (
-        STABLE_PRESETS,
-        StableUnclipComponents,
-        build_stable_preset,
-        load_stable_unclip,
-    )
+    from unclip.models.stable_unclip import load_stable_components
 
-    if isinstance(model, StableUnclipComponents):
-        components = model
-    elif str(model) in STABLE_PRESETS and not Path(model).exists():
-        components = build_stable_preset(STABLE_PRESETS[str(model)], name=str(model))
-    else:
-        components = load_stable_unclip(model)
+    components = load_stable_components(model)
     return StableUnclipPipeline(StableTorchBackend(components, device), components)

@@ -40,23 +40,13 @@ def export_stable_onnx(
     """Every network of a Stable unCLIP model (folder, preset or components) into `out`; the manifest."""
     from unclip.engine.stable_unclip import StableTorchBackend
     from unclip.export.onnx_export import export_network, tool_versions, weights_sha256
-    from unclip.models.stable_unclip import (
-        STABLE_PRESETS,
-        StableUnclipComponents,
-        build_stable_preset,
-        load_stable_unclip,
-    )
+    from unclip.models.stable_unclip import load_stable_components
 
     if precision != "fp32":
         raise UnclipError(f"--precision {precision}: Stable unCLIP exports in fp32 for now; drop --precision")
     out = Path(out)
     layout.check_output_folder(out)
-    if isinstance(model, StableUnclipComponents):
-        components = model
-    elif str(model) in STABLE_PRESETS and not Path(model).exists():
-        components = build_stable_preset(STABLE_PRESETS[str(model)], seed=seed, name=str(model))
-    else:
-        components = load_stable_unclip(model)
+    components = load_stable_components(model, seed)
     torch_backend = StableTorchBackend(components)
     dims, specs = torch_backend.dims, torch_backend.specs
     with layout.staged_folder(out) as tmp:

@@ -69,8 +69,10 @@ class StableUnclipComponents:
         return {n: net for n in names if (net := getattr(self, n)) is not None}
 
 
-# preset name -> layout: text to image, and image variations
-STABLE_PRESETS = {"sd-unclip-tiny": "text", "sd-unclip-tiny-variation": "image"}
+# preset name -> layout: text to image, and image variations. sd-unclip-l: the real shapes of
+# diffusers/stable-diffusion-2-1-unclip-t2i-l (Karlo's ViT-L prior, SD 2.1's 768 px UNet, OpenCLIP-H text
+# encoder, the SD VAE), random weights, for speed and FLOPs
+STABLE_PRESETS = {"sd-unclip-tiny": "text", "sd-unclip-tiny-variation": "image", "sd-unclip-l": "text"}
 
 
 def is_stable_unclip(model) -> bool:
@@ -189,10 +191,72 @@ SAMPLERS = {
 }
 
 
+def _real_configs(special: dict) -> dict:
+    """diffusers/stable-diffusion-2-1-unclip-t2i-l's shapes (the published configs' values)."""
+    clip_l = dict(
+        vocab_size=special["size"],
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=MAX_LENGTH,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        bos_token_id=special["bos_token_id"],
+        eos_token_id=special["eos_token_id"],
+        pad_token_id=special["pad_token_id"],
+    )
+    open_clip_h = dict(
+        clip_l,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        projection_dim=512,
+        hidden_act="gelu",
+    )
+    return {
+        "prior_text_encoder": clip_l,
+        "text_encoder": open_clip_h,
+        "prior": dict(
+            num_attention_heads=32,
+            attention_head_dim=64,
+            embedding_dim=768,
+            num_layers=20,
+            num_embeddings=MAX_LENGTH,
+            additional_embeddings=4,
+        ),
+        "unet": dict(
+            sample_size=96,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+            upcast_attention=True,
+            class_embed_type="projection",
+            projection_class_embeddings_input_dim=1536,
+        ),
+        "vae": dict(
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=768,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            scaling_factor=0.18215,
+        ),
+    }
+
+
 def build_stable_preset(
     layout: str = "text", seed: int = 0, name: str = "sd-unclip-tiny"
 ) -> StableUnclipComponents:
-    """The tiny preset's networks with seeded random weights (same seed, same weights) in `layout`."""
+    """A preset's networks with seeded random weights (same seed, same weights) in `layout`."""
     from diffusers import AutoencoderKL, PriorTransformer, UNet2DConditionModel
     from transformers import (
         CLIPTextConfig,
@@ -209,7 +273,9 @@ def build_stable_preset(
     with tempfile.TemporaryDirectory() as tmp:
         special = write_tokenizer(Path(tmp))
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    configs = _configs(special)
+    real = name == "sd-unclip-l"
+    configs = _real_configs(special) if real else _configs(special)
+    embed = 768 if real else TINY["embed"]
     nets = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -220,12 +286,15 @@ def build_stable_preset(
             CLIPTextConfig(**configs["prior_text_encoder"])
         )
         nets["prior"] = PriorTransformer.from_config(configs["prior"])
-        nets["image_encoder"] = CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["image_encoder"]))
+        if not real:  # tiny builds both layouts' networks: a seed gives the same weights in either
+            nets["image_encoder"] = CLIPVisionModelWithProjection(
+                CLIPVisionConfig(**configs["image_encoder"])
+            )
         for net in nets.values():
             _fill_zero_parameters(net)  # the class-embedding projection, positional tables, CLIP stats
             net.eval().requires_grad_(False)
-        mean = torch.randn(1, TINY["embed"]) * 0.1
-        std = 1.0 + torch.rand(1, TINY["embed"]) * 0.5
+        mean = torch.randn(1, embed) * 0.1
+        std = 1.0 + torch.rand(1, embed) * 0.5
     text = layout == "text"
     return StableUnclipComponents(
         layout=layout,
@@ -245,6 +314,15 @@ def build_stable_preset(
         image_preprocess=None if text else clip_preprocess(32),
         name=name,
     )
+
+
+def load_stable_components(model, seed: int = 0) -> StableUnclipComponents:
+    """Components as given, a preset's (random weights from `seed`), or a folder's."""
+    if isinstance(model, StableUnclipComponents):
+        return model
+    if str(model) in STABLE_PRESETS and not Path(model).exists():
+        return build_stable_preset(STABLE_PRESETS[str(model)], seed=seed, name=str(model))
+    return load_stable_unclip(model)
 
 
 def diffusers_pipeline(c: StableUnclipComponents):

@@ -16,6 +16,7 @@
 #   karlo-kernels  karlo, batch 1 and 8: ours half eager, graphs, graphs + each   300 s
 #                  kernel alone
 #   karlo-cache    karlo, batch 1: the decoder step cache at N = 2, 3, 4, eager   300 s
+#   sd-unclip      Stable unCLIP at real shapes (sd-unclip-l, 768 px), fp32 eager vs diffusers   300 s
 #                  (its FLOPs per call) and graphs + GroupNorm+SiLU (its speed)
 #
 # A lease is 15 minutes of device time in all (the machine's start counted), one command at most
@@ -67,7 +68,7 @@ python3 benchmarks/gpu_fastpath.py --preflight || exit 3
 
 cap() {  # the time cap of a phase, seconds
     case $1 in tests) echo 200 ;; curve) echo 90 ;; small | small-kernels) echo 150 ;; karlo-main) echo 300 ;;
-        karlo-kernels | karlo-cache) echo 300 ;; *) echo 0 ;; esac
+        karlo-kernels | karlo-cache | sd-unclip) echo 300 ;; *) echo 0 ;; esac
 }
 bench() {  # phase, gpu_fastpath options...: its results.json becomes parts/<phase>.json
     local name=$1 tmp status
@@ -90,7 +91,7 @@ START=$SECONDS
 FAILED=0
 todo=()
 for p in $PHASES; do
-    [[ $(cap "$p") == 0 ]] && { echo "gpu_suite: unknown phase $p (tests curve small karlo-main small-kernels karlo-kernels karlo-cache)"; exit 2; }
+    [[ $(cap "$p") == 0 ]] && { echo "gpu_suite: unknown phase $p (tests curve small karlo-main small-kernels karlo-kernels karlo-cache sd-unclip)"; exit 2; }
     grep -q "^$p exit=0 " "$OUT/phases.txt" && { echo "=== $p: passed in an earlier call, skipped"; continue; }
     todo+=("$p")
 done
@@ -136,6 +137,10 @@ for i in "${!todo[@]}"; do
         c="torch-$D-graphs-gn"
         bench karlo-cache --model karlo --batch-sizes 1 --warmup 1 --repeat 3 --dtype "$D" \
             --runners "diffusers-$D,torch-$D,torch-$D+cache2,torch-$D+cache3,torch-$D+cache4,$c,$c+cache2,$c+cache3,$c+cache4" ;;
+    sd-unclip)  # the second family: no fast path yet, so unclip bench itself (fp32, both eager)
+        timeout --signal=INT --kill-after=20 "$(cap sd-unclip)" python3 -m unclip.cli bench --model sd-unclip-l \
+            --device cuda --backends torch-fp32 --batch-sizes 1 --prior-steps 25 --decoder-steps 20 \
+            --warmup 1 --repeat 3 --no-plots --out "$OUT/sd-unclip-l" ;;
     esac
     status=$?
     echo "$p exit=$status seconds=$((SECONDS - t0)) dtype=$D $(date -u +%FT%TZ)" >>"$OUT/phases.txt"

@@ -48,10 +48,14 @@ def pipes(folders):
 
 
 def with_scheduler(theirs, name: str | None):
+    """diffusers' pipeline with the checkpoint's scheduler (None) or `name` made from its config, as a
+    user switches (the pipeline is shared by the tests: the original is kept and restored)."""
     import diffusers
 
-    if name is not None:
-        theirs.scheduler = getattr(diffusers, CLASSES[name]).from_config(theirs.scheduler.config)
+    original = theirs.__dict__.setdefault("_unclip_original_scheduler", theirs.scheduler)
+    theirs.scheduler = (
+        original if name is None else getattr(diffusers, CLASSES[name]).from_config(original.config)
+    )
     return theirs
 
 
@@ -391,3 +395,30 @@ def test_a_changed_export_file_is_refused(exported, tmp_path):
         unclip.load(damaged, backend="onnxruntime")
     with pytest.raises(UnclipError, match="is an export folder: load it with --backend onnxruntime"):
         unclip.load(exported["text"])
+
+
+def test_bench_runners_time_and_count_the_stable_stages():
+    """unclip bench's two runners on this family, in process: diffusers' pipeline with hooks on its
+    networks and ours, the same first image, stages with a VAE and no super-resolution, FLOPs per call."""
+    from unclip.bench.worker import BASELINE, Runner
+
+    spec = {
+        "model": "sd-unclip-tiny",
+        "device": "cpu",
+        "prompt": "a red circle",
+        "seed": 0,
+        "settings": dict(
+            prior_steps=2, decoder_steps=2, super_res_steps=7, prior_guidance=4.0, decoder_guidance=8.0
+        ),
+    }
+    baseline = Runner({**spec, "runner": BASELINE})
+    ours = Runner({**spec, "runner": "torch-fp32", "backend": "torch", "dtype": "fp32"})
+    first = [runner.cmd_cold_start()["image"]["uint8"] for runner in (baseline, ours)]
+    assert first[0] == first[1]
+    for runner in (baseline, ours):
+        sample = runner.cmd_run(1)
+        calls = [c[0] for c in sample["calls"]]
+        assert calls.count("unet") == 3 and calls.count("vae_decoder") == 1 and calls.count("prior") == 2
+        assert sample["stages_ms"]["vae"] > 0 and sample["stages_ms"]["super_res"] == 0
+    flops = baseline.cmd_flops([["unet", 2], ["vae_decoder", 1]])["flops"]
+    assert all(f > 0 for _, _, f in flops)

@@ -113,6 +113,7 @@ def speed_and_accuracy(doc: dict) -> list[str]:
 def markdown(doc: dict) -> str:
     s, m, v = doc["settings"], doc["machine"], doc["versions"]
     runs = doc["runs"]
+    stable = any("unet" in r.get("networks", {}) for r in runs)  # Stable unCLIP (the second family)
     base_of = {r["batch_size"]: r for r in runs if r["is_baseline"]}
     lines = [f"# unclip bench: `{s['model']}` on {s['device']}", ""]
     if doc["status"] != "complete":
@@ -211,10 +212,12 @@ def markdown(doc: dict) -> str:
         f"- Command: `{doc['command']}`" + (f" (suite `{doc['suite']}`)" if doc.get("suite") else ""),
         f"- Started {doc['started']}, written {doc['written']}.",
         f"- Request: {s['batch_sizes']} prompts (batch sizes) of \"{s['prompt']}\", seed {s['seed']}, "
-        f"precision {s['dtype']}; steps prior {s['prior_steps']}, decoder {s['decoder_steps']}, super-res "
-        f"{s['super_res_steps']}; guidance prior {s['prior_guidance']}, decoder {s['decoder_guidance']}.",
-        "- Baseline: diffusers `UnCLIPPipeline` (eager PyTorch) built from the same loaded networks, "
-        "same request, device and dtype.",
+        f"precision {s['dtype']}; steps prior {s['prior_steps']}, decoder {s['decoder_steps']}"
+        + (" (the latent UNet, the checkpoint's sampler; PNDM calls it steps + 1 times), no super-resolution"
+           if stable else f", super-res {s['super_res_steps']}")
+        + f"; guidance prior {s['prior_guidance']}, decoder {s['decoder_guidance']}.",
+        f"- Baseline: diffusers `{'StableUnCLIPPipeline' if stable else 'UnCLIPPipeline'}` (eager PyTorch) "
+        "built from the same loaded networks, same request, device and dtype.",
         f"- Each runner (baseline and every backend) lives in its own process. Per batch size: "
         f"{s['warmup']} warm-up run(s), then {s['repeat']} measured repeats, interleaved in rounds "
         f"(baseline, then each backend) so machine drift hits all alike. Latency: median, p10, p90 "

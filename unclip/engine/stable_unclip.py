@@ -432,9 +432,10 @@ class StableUnclipPipeline:
         return t.input_ids.to(self.device), t.attention_mask.bool().to(self.device)
 
     def _draw(self, gens: list, rows: list[int], tail: tuple) -> torch.Tensor:
+        # on the generator's device, then moved (diffusers' randn_tensor: a CPU generator serves a GPU)
         return torch.cat(
             [
-                torch.randn((n, *tail), generator=g, device=self.device)
+                torch.randn((n, *tail), generator=g, device=g.device).to(self.device)
                 for g, n in zip(gens, rows, strict=True)
             ]
         )

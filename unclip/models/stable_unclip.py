@@ -91,9 +91,10 @@ def is_stable_unclip(model) -> bool:
 def is_stable_unclip_folder(folder: Path) -> bool:
     index = Path(folder) / "model_index.json"
     try:
-        return json.loads(index.read_text()).get("_class_name") in LAYOUTS
-    except (OSError, ValueError, AttributeError):
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):  # not ours to judge: the Karlo loader says what is wrong
         return False
+    return isinstance(name, str) and name in LAYOUTS
 
 
 # -- presets -------------------------------------------------------------------------------------

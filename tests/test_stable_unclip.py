@@ -64,8 +64,7 @@ def with_scheduler(theirs, name: str | None):
     [
         (None, 0, 4.0, 10.0, 1),  # the checkpoint's PNDM, diffusers' defaults
         ("ddim", 100, 4.0, 1.0, 2),  # decoder unguided
-        ("dpm++", 500, 1.0, 7.5, 2),  # prior unguided
-        ("pndm", 999, 2.0, 3.0, 1),  # the last noise level
+        ("dpm++", 999, 1.0, 7.5, 2),  # prior unguided, the last noise level
     ],
 )
 def test_text_to_image_matches_diffusers(

@@ -45,16 +45,20 @@ def _rows(args: tuple, kwargs: dict) -> int:
 def attach_timeline(pipe, timeline: CallTimeline) -> None:
     """Record every call of the pipeline's networks (they are called as modules, so hooks see all)."""
     for name in NETWORKS:
-        module: torch.nn.Module = getattr(pipe, name)
+        _hook(getattr(pipe, name), name, timeline)
 
-        def before(_module, args, kwargs, name=name):
-            timeline.begin(name, _rows(args, kwargs))
 
-        def after(_module, _args, _kwargs, _output):
-            timeline.end()
+def _hook(module: torch.nn.Module, name: str, timeline: CallTimeline) -> None:
+    """Each forward of `module` becomes one call `name` on the timeline."""
 
-        module.register_forward_pre_hook(before, with_kwargs=True)
-        module.register_forward_hook(after, with_kwargs=True)
+    def before(_module, args, kwargs):
+        timeline.begin(name, _rows(args, kwargs))
+
+    def after(_module, _args, _kwargs, _output):
+        timeline.end()
+
+    module.register_forward_pre_hook(before, with_kwargs=True)
+    module.register_forward_hook(after, with_kwargs=True)
 
 
 STABLE_HOOKS = {
@@ -75,16 +79,7 @@ def attach_stable_timeline(pipe, timeline: CallTimeline) -> None:
         module = getattr(pipe, attribute, None)
         if module is None:
             continue
-        module = module.decoder if name == "vae_decoder" else module
-
-        def before(_module, args, kwargs, name=name):
-            timeline.begin(name, _rows(args, kwargs))
-
-        def after(_module, _args, _kwargs, _output):
-            timeline.end()
-
-        module.register_forward_pre_hook(before, with_kwargs=True)
-        module.register_forward_hook(after, with_kwargs=True)
+        _hook(module.decoder if name == "vae_decoder" else module, name, timeline)
 
 
 def generate_stable(pipe, prompts: list[str], seed: int, settings: dict):

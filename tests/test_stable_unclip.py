@@ -264,12 +264,119 @@ def test_batched_requests_are_each_requests_images_alone(pipes):
     )  # PNDM: 4 steps, 5 calls; 3 x 2 rows
 
 
+@pytest.mark.parametrize(
+    "stage,after,scheduler,guidance",
+    [
+        ("decoder", 1, "dpm++", 3.0),  # a multistep sampler's history loses the rows too; guided halves
+        ("prior", 0, "pndm", 1.0),  # the prior's DDPM noise draws go on from the stayer's generator
+    ],
+)
+def test_a_cancelled_request_leaves_mid_batch_and_the_others_images_are_unchanged(
+    pipes, stage, after, scheduler, guidance
+):
+    """Three requests in one batch; the middle one is cancelled after call `after` of `stage`: the next
+    calls run the others' rows only (on_step's row counts), it gets None, and the others get the
+    images they get alone."""
+    from unclip.engine.batch import Request
+
+    ours, _ = pipes["text"]
+    settings = dict(noise_level=50, scheduler=scheduler, decoder_guidance=guidance, **STEPS)
+    gone = {"flag": False}
+    requests = [
+        Request(
+            ["a red circle"] if seed != 6 else ["a blue square", "a cat"],
+            ours.settings(num_images=n, **settings),
+            torch.Generator().manual_seed(seed),
+            cancelled=(lambda: gone["flag"]) if seed == 6 else None,
+        )
+        for seed, n in ((5, 1), (6, 2), (7, 2))
+    ]
+    calls = []
+
+    def on_step(name, i, rows):
+        calls.append((name, rows))
+        if name == stage and i == after:
+            gone["flag"] = True
+
+    got = ours.generate_requests(requests, on_step=on_step)
+    assert got[1] is None
+    for image, seed, n in ((got[0], 5, 1), (got[2], 7, 2)):
+        alone = ours.generate("a red circle", seed=seed, num_images=n, output_type="pt", **settings)
+        assert float((image - alone).abs().max()) <= 1e-5
+    unet = [rows for name, rows in calls if name == "decoder"]
+    factor = 2 if guidance > 1 else 1
+    if stage == "decoder":
+        assert unet[: after + 1] == [7 * factor] * (after + 1) and set(unet[after + 1 :]) == {3 * factor}
+    else:
+        assert set(unet) == {3 * factor}
+    gone["flag"] = True  # every request gone: nothing left to run
+    assert ours.generate_requests(requests[1:2]) == [None]
+
+
+def test_streamed_previews_come_from_the_unet_loop_and_leave_the_images_unchanged(pipes):
+    """partial_images k: k previews at even fractions of the UNet loop, each the VAE's image of the
+    call's clean-latent estimate, at the output size; the final images equal the unstreamed ones; a
+    batch where one request streams and one does not gives each its own."""
+    from unclip.engine.batch import Request
+
+    ours, _ = pipes["text"]
+    settings = dict(noise_level=10, decoder_steps=6, prior_steps=2)
+    plain = ours.generate("a red circle", seed=3, num_images=2, output_type="pt", **settings)
+    previews = []
+    streamed = ours.generate(
+        "a red circle",
+        seed=3,
+        num_images=2,
+        output_type="pt",
+        partial_images=3,
+        on_partial=lambda i, x: previews.append((i, x)),
+        **settings,
+    )
+    assert float((streamed - plain).abs().max()) == 0
+    size = ours.output_size
+    assert [i for i, _ in previews] == [0, 1, 2]
+    assert all(
+        x.shape == (2, 3, size, size) and 0 <= float(x.min()) <= float(x.max()) <= 1 for _, x in previews
+    )
+    assert all(float((x - plain).abs().max()) > 0 for _, x in previews)  # estimates, not the final image
+    # in a batch, a streamed request's previews are those it gets alone
+    one = []
+    ours.generate(
+        "a red circle",
+        seed=3,
+        num_images=2,
+        partial_images=1,
+        on_partial=lambda i, x: one.append(x),
+        **settings,
+    )
+    got = []
+    batched = ours.generate_requests(
+        [
+            Request(
+                ["a red circle"], ours.settings(num_images=2, **settings), torch.Generator().manual_seed(3)
+            ),
+            Request(
+                ["a red circle"],
+                ours.settings(num_images=2, **settings),
+                torch.Generator().manual_seed(3),
+                partial_images=1,
+                on_partial=lambda i, x: got.append(x),
+            ),
+        ]
+    )
+    assert all(float((b - plain).abs().max()) <= 1e-5 for b in batched)
+    assert len(got) == len(one) == 1 and float((got[0] - one[0]).abs().max()) <= 1e-5
+    with pytest.raises(UnclipError, match="partial_images must be an integer from 0 to 3"):
+        ours.generate("a red circle", partial_images=4, on_partial=print)
+
+
 def test_http_generations_and_variations_on_the_folders(folders, pipes):
     """/v1/images/generations and /v1/images/variations serve both layouts with the same routes: the
     pipeline's images for the seed, noise_level and scheduler in the body, PNG text saying so, and a
     400 naming noise_level when it is past the schedule."""
     import base64
     import io
+    import json
 
     import httpx
 
@@ -300,6 +407,18 @@ def test_http_generations_and_variations_on_the_folders(folders, pipes):
         )
         assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, want, strict=True))
         assert got[0].text["noise_level"] == "100" and got[0].text["scheduler"] == "ddim"
+        # streamed: the UNet loop's previews (two per image), then the same images
+        response = httpx.post(
+            url + "/v1/images/generations", json={**body, "stream": True, "partial_images": 2}, timeout=60
+        )
+        sent = [
+            (block.split("\n")[0][len("event: ") :], json.loads(block.split("data: ", 1)[1]))
+            for block in response.text.strip().split("\n\n")
+        ]
+        assert [kind.split(".")[1] for kind, _ in sent] == ["partial_image"] * 4 + ["completed"] * 2
+        for (_, data), image in zip(sent[4:], want, strict=True):
+            got = Image.open(io.BytesIO(base64.b64decode(data["b64_json"])))
+            assert np.array_equal(np.asarray(got), np.asarray(image))
         bad = httpx.post(url + "/v1/images/generations", json={**body, "noise_level": 1000}, timeout=60)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "noise_level"
         assert "noise_level must be an integer from 0 to 999" in bad.json()["error"]["message"]

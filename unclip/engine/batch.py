@@ -106,14 +106,17 @@ class Batch:
         self.active = [i for i in self.active if i not in leaving]
         return torch.tensor(keep, dtype=torch.long)
 
-    def previews_at(self, step: int) -> list[tuple[Request, int, int]]:
+    def previews_at(self, step: int, steps: int | None = None,
+                    last_is_output: bool = True) -> list[tuple[Request, int, int]]:
         """(request, first row, rows) of the running requests that take a preview after decoder step
-        `step` (partial_steps), in row order."""
+        `step` (partial_steps) of `steps` (default: decoder_steps), in row order. `last_is_output`
+        False: every preview comes from the loop (a family whose decoder output is the final image)."""
         out, start = [], 0
+        steps = self.settings.decoder_steps if steps is None else steps
         for i in self.active:
             r = self.requests[i]
-            steps = self.settings.decoder_steps
-            if r.on_partial is not None and step in partial_steps(steps, r.partial_images):
+            k = r.partial_images if last_is_output else r.partial_images + 1
+            if r.on_partial is not None and step in partial_steps(steps, k):
                 out.append((r, start, r.rows))
             start += r.rows
         return out

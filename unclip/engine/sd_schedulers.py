@@ -179,6 +179,21 @@ class Solver:
             return self._dpm(i, model_output, sample)
         return self._ddpm(i, model_output, sample, noise)
 
+    def predicted_x0(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """Call `i`'s estimate of the clean sample (a streamed request's preview; not the step's own
+        arithmetic, which PNDM and DPM-Solver++ combine across calls)."""
+        alpha_prod_t = self.alphas_cumprod[self.timesteps[i]]
+        return self._x0(model_output, sample, alpha_prod_t, 1 - alpha_prod_t)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only `rows` of the batch go on (a request left between calls): the history keeps them only."""
+        def take(x):
+            return None if x is None else x.index_select(0, rows.to(x.device))
+
+        self.ets = [take(e) for e in self.ets]
+        self.cur_sample = take(self.cur_sample)
+        self.outputs = [take(o) for o in self.outputs]
+
     def _prev(self, i: int) -> int:
         return self.timesteps[i] - self.config.num_train_timesteps // self.steps
 

@@ -9,6 +9,7 @@ one `scheduler` names (pndm, ddim, dpm++: unclip.engine.sd_schedulers).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -16,11 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from unclip.engine.batch import take_rows
 from unclip.engine.sd_schedulers import KINDS, NAMES, SamplerConfig, Solver, add_noise
 from unclip.engine.settings import Limits
 from unclip.errors import UnclipError
 from unclip.specs import NetworkSpec, TensorSpec
 
+log = logging.getLogger("unclip")
 SCHEDULERS = tuple(NAMES)  # what --scheduler may name
 DEFAULTS = dict(
     num_images=1,
@@ -334,11 +337,15 @@ class StableUnclipPipeline:
         seed: int = 0,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
+        partial_images: int = 0,
+        on_partial=None,
         **settings,
     ):
         """Images for `prompts` (prompt-major, `num_images` each): the prior's image embedding, noised
-        at `noise_level`, decoded by the latent UNet and the VAE."""
-        from unclip.engine.batch import Request
+        at `noise_level`, decoded by the latent UNet and the VAE. Streaming: `on_partial(index, images)`
+        gets up to `partial_images` (0-3) previews, each the UNet's clean-latent estimate at an even
+        fraction of the loop through the VAE (images as "pt"); the final images are the same either way."""
+        from unclip.engine.batch import Request, check_partial_images
 
         if self.layout != "text":
             raise UnclipError(
@@ -348,8 +355,13 @@ class StableUnclipPipeline:
                 param="prompt",
             )
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        check_partial_images(partial_images, on_partial)
         request = Request(
-            prompts, self.settings(**settings), generator or torch.Generator().manual_seed(seed)
+            prompts,
+            self.settings(**settings),
+            generator or torch.Generator().manual_seed(seed),
+            partial_images=partial_images,
+            on_partial=on_partial,
         )
         return _convert(self.generate_requests([request])[0], output_type)
 
@@ -361,11 +373,13 @@ class StableUnclipPipeline:
         generator: torch.Generator | None = None,
         prompt: str = "",
         output_type: str = "pil",
+        partial_images: int = 0,
+        on_partial=None,
         **settings,
     ):
         """`num_images` variations of each image: its CLIP image embedding, noised at `noise_level`,
-        decoded with new noise (and `prompt`, "" by default, as diffusers has it)."""
-        from unclip.engine.batch import Request
+        decoded with new noise (and `prompt`, "" by default, as diffusers has it). Streaming as `generate`."""
+        from unclip.engine.batch import Request, check_partial_images
         from unclip.engine.image_input import load_image, pixel_values
 
         if self.layout != "image":
@@ -374,6 +388,7 @@ class StableUnclipPipeline:
                 "with no image encoder; for variations, load a StableUnCLIPImg2ImgPipeline folder",
                 param="image",
             )
+        check_partial_images(partial_images, on_partial)
         images = images if isinstance(images, list) else [images]
         pixels = pixel_values(
             [load_image(im, self.limits.max_image_pixels) for im in images], self.image_preprocess
@@ -383,6 +398,8 @@ class StableUnclipPipeline:
             self.settings(**settings),
             generator or torch.Generator().manual_seed(seed),
             pixel_values=pixels,
+            partial_images=partial_images,
+            on_partial=on_partial,
         )
         return _convert(self.generate_requests([request])[0], output_type)
 
@@ -390,34 +407,29 @@ class StableUnclipPipeline:
         """Requests sharing settings but the image count (the serving engine's batches), each with its
         own generator, run as one batch: per request, images [rows, 3, H, W] in [0, 1] on the CPU, or
         None where it was cancelled. Each request's draws come from its generator in diffusers' order,
-        so batched images are those of the request alone."""
-        s = vars(requests[0].settings)
-        gens = [r.generator for r in requests]
-        counts = [r.settings.num_images for r in requests]
-        image = requests[0].pixel_values is not None
-        run = _Run(requests, on_step)
+        so batched images are those of the request alone. A request whose `cancelled()` turns true
+        leaves before the next network call (its rows leave every tensor and the sampler's history);
+        a streamed one gets its previews (`partial_images`) from the UNet loop."""
+        from unclip.engine.batch import Batch
+
+        batch = Batch(requests)
+        s = vars(batch.settings)
         with torch.inference_mode():
-            if image:
+            if batch.image_conditioned:
                 pixels = torch.cat([r.pixel_values for r in requests]).to(self.device)
                 embeds = self.backend.run("image_encoder", pixel_values=pixels)["image_embeds"]
-                rows = [len(r.prompts) for r in requests]  # one noise draw per image, then repeated
-                embeds = self._noise_embeds(embeds, s["noise_level"], gens, rows)
-                embeds = embeds.repeat_interleave(_repeats(requests, counts, self.device), dim=0)
+                # one noise draw per image, then repeated for its images
+                embeds = self._noise_embeds(embeds, s["noise_level"], batch, per_image=True)
+                embeds = embeds.repeat_interleave(_repeats(batch, self.device), dim=0)
             else:
-                embeds = self._prior(requests, counts, s, gens, run)
-                if embeds is None:
-                    return [None] * len(requests)
-                embeds = self._noise_embeds(
-                    embeds,
-                    s["noise_level"],
-                    gens,
-                    [len(r.prompts) * n for r, n in zip(requests, counts, strict=True)],
-                )
-            images = self._decode(requests, counts, embeds, s, gens, run)
-        if images is None:
-            return [None] * len(requests)
-        out = list(images.cpu().split([len(r.prompts) * n for r, n in zip(requests, counts, strict=True)]))
-        return [None if run.cancelled(r) else x for r, x in zip(requests, out, strict=True)]
+                embeds = self._prior(batch, s, on_step)
+                if not batch.active:
+                    return batch.split(None)
+                embeds = self._noise_embeds(embeds, s["noise_level"], batch)
+            images = self._decode(batch, embeds, s, on_step)
+        if not batch.active:
+            return batch.split(None)
+        return batch.split(images.cpu())
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -431,19 +443,26 @@ class StableUnclipPipeline:
         )
         return t.input_ids.to(self.device), t.attention_mask.bool().to(self.device)
 
-    def _draw(self, gens: list, rows: list[int], tail: tuple) -> torch.Tensor:
-        # on the generator's device, then moved (diffusers' randn_tensor: a CPU generator serves a GPU)
+    def _draw(self, batch, tail: tuple, per_image: bool = False) -> torch.Tensor:
+        """One draw per running request from its generator: a row per image (per input image with
+        `per_image`), on the generator's device, then moved (diffusers' randn_tensor)."""
+        requests = [batch.requests[i] for i in batch.active]
         return torch.cat(
             [
-                torch.randn((n, *tail), generator=g, device=g.device).to(self.device)
-                for g, n in zip(gens, rows, strict=True)
+                torch.randn(
+                    (len(r.prompts) if per_image else r.rows, *tail),
+                    generator=r.generator,
+                    device=r.generator.device,
+                ).to(self.device)
+                for r in requests
             ]
         )
 
-    def _prior(self, requests, counts, s: dict, gens, run) -> torch.Tensor | None:
+    def _prior(self, batch, s: dict, on_step) -> torch.Tensor | None:
         guided = s["prior_guidance"] > 1.0
+        requests = [batch.requests[i] for i in batch.active]
         prompts = [p for r in requests for p in r.prompts]
-        repeats = _repeats(requests, counts, self.device)
+        repeats = _repeats(batch, self.device)
         ids, mask = self._tokens(self.prior_tokenizer, prompts)
         out = self.backend.run("prior_text_encoder", input_ids=ids)
         embeds, hidden = (
@@ -457,12 +476,18 @@ class StableUnclipPipeline:
             embeds = torch.cat([u["text_embeds"].repeat_interleave(repeats, 0), embeds])
             hidden = torch.cat([u["text_hidden"].repeat_interleave(repeats, 0), hidden])
             mask = torch.cat([umask.repeat_interleave(repeats, 0), mask])
-        rows = [len(r.prompts) * n for r, n in zip(requests, counts, strict=True)]
         solver = Solver(self.prior_scheduler, s["prior_steps"])
-        x = self._draw(gens, rows, (self.dims.embed_dim,))
+        x = self._draw(batch, (self.dims.embed_dim,))
         for i, t in enumerate(solver.timesteps):
-            if run.all_cancelled():
-                return None
+            keep = batch.poll()  # between calls: the rows of cancelled requests leave
+            if keep is not None:
+                if not batch.active:
+                    return None
+                x, embeds, hidden, mask = (
+                    take_rows(v, keep, g)
+                    for v, g in ((x, False), (embeds, guided), (hidden, guided), (mask, guided))
+                )
+                solver.keep(keep)
             x_in = torch.cat([x, x]) if guided else x
             timestep = torch.full((x_in.shape[0],), float(t), device=self.device)
             pred = self.backend.run(
@@ -476,28 +501,28 @@ class StableUnclipPipeline:
             if guided:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + s["prior_guidance"] * (cond - uncond)
-            noise = self._draw(gens, rows, pred.shape[1:]) if solver.has_noise[i] else None
+            noise = self._draw(batch, pred.shape[1:]) if solver.has_noise[i] else None
             x = solver.step(i, pred, x, noise)
-            run.step("prior", i, x_in.shape[0])
+            if on_step is not None:
+                on_step("prior", i, x_in.shape[0])
         c = self.backend.constants()
         return x * c["clip_std"] + c["clip_mean"]
 
-    def _noise_embeds(self, embeds: torch.Tensor, level: int, gens, rows: list[int]) -> torch.Tensor:
+    def _noise_embeds(self, embeds: torch.Tensor, level: int, batch, per_image: bool = False) -> torch.Tensor:
         """diffusers' noise_image_embeddings: normalise, noise to `level`, unnormalise, append the level's
         sinusoidal embedding."""
-        noise = self._draw(gens, rows, embeds.shape[1:])
+        noise = self._draw(batch, embeds.shape[1:], per_image)
         embeds = (embeds - self.mean) * 1.0 / self.std
         embeds = add_noise(self.noising, embeds, noise, level)
         embeds = embeds * self.std + self.mean
         levels = torch.tensor([level] * embeds.shape[0], device=self.device)
         return torch.cat((embeds, timestep_embedding(levels, embeds.shape[-1]).to(embeds.dtype)), 1)
 
-    def _decode(
-        self, requests, counts, class_labels: torch.Tensor, s: dict, gens, run
-    ) -> torch.Tensor | None:
+    def _decode(self, batch, class_labels: torch.Tensor, s: dict, on_step) -> torch.Tensor | None:
         guided = s["decoder_guidance"] > 1.0
+        requests = [batch.requests[i] for i in batch.active]
         prompts = [p for r in requests for p in r.prompts]
-        repeats = _repeats(requests, counts, self.device)
+        repeats = _repeats(batch, self.device)
         ids, _ = self._tokens(self.tokenizer, prompts)
         hidden = self.backend.run("text_encoder", input_ids=ids)["text_hidden"].repeat_interleave(repeats, 0)
         if guided:
@@ -510,11 +535,17 @@ class StableUnclipPipeline:
         config = SamplerConfig.from_dict(self.scheduler, kind=s["scheduler"])
         solver = Solver(config, s["decoder_steps"])
         d = self.dims
-        rows = [len(r.prompts) * n for r, n in zip(requests, counts, strict=True)]
-        x = self._draw(gens, rows, (d.latent_channels, d.latent_size, d.latent_size))
+        x = self._draw(batch, (d.latent_channels, d.latent_size, d.latent_size))
+        calls = len(solver.timesteps)  # PNDM repeats its first timestep: one call more than steps
         for i, t in enumerate(solver.timesteps):
-            if run.all_cancelled():
-                return None
+            keep = batch.poll()
+            if keep is not None:
+                if not batch.active:
+                    return None
+                x, hidden, class_labels = (
+                    take_rows(v, keep, g) for v, g in ((x, False), (hidden, guided), (class_labels, guided))
+                )
+                solver.keep(keep)
             x_in = torch.cat([x, x]) if guided else x
             timestep = torch.full((x_in.shape[0],), float(t), device=self.device)
             pred = self.backend.run(
@@ -523,10 +554,30 @@ class StableUnclipPipeline:
             if guided:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + s["decoder_guidance"] * (cond - uncond)
+            wanted = batch.previews_at(i, steps=calls, last_is_output=False)
+            if wanted:  # the call's estimate of the clean latents, through the VAE: what the image looks like
+                x0 = solver.predicted_x0(i, pred, x)
+                for request, start, rows in wanted:
+                    self._send_preview(request, x0[start : start + rows])
             x = solver.step(i, pred, x)
-            run.step("decoder", i, x_in.shape[0])
-        image = self.backend.run("vae_decoder", latents=x)["image"]
+            if on_step is not None:
+                on_step("decoder", i, x_in.shape[0])
+        return self._vae(x)
+
+    def _vae(self, latents: torch.Tensor) -> torch.Tensor:
+        image = self.backend.run("vae_decoder", latents=latents)["image"]
         return (image / 2 + 0.5).clamp(0, 1)
+
+    def _send_preview(self, request, latents: torch.Tensor) -> None:
+        """One preview, decoded by the VAE at the output size. A callback that fails stops that
+        request's previews, not the batch."""
+        images = self._vae(latents).float().cpu()
+        try:
+            request.on_partial(request.partials_sent, images)
+            request.partials_sent += 1
+        except Exception:  # noqa: BLE001 - the caller's callback; the batch goes on
+            log.exception("a partial-image callback failed; no more previews for its request")
+            request.on_partial = None
 
 
 @dataclass(frozen=True)
@@ -543,26 +594,10 @@ class StableSettings:
     scheduler: str | None
 
 
-class _Run:
-    """Progress and cancellation of one batch (between steps: every request gone stops the batch)."""
-
-    def __init__(self, requests, on_step):
-        self.requests, self.on_step = requests, on_step
-
-    @staticmethod
-    def cancelled(request) -> bool:
-        return request.cancelled is not None and bool(request.cancelled())
-
-    def all_cancelled(self) -> bool:
-        return all(self.cancelled(r) for r in self.requests)
-
-    def step(self, stage: str, i: int, rows: int) -> None:
-        if self.on_step is not None:
-            self.on_step(stage, i, rows)
-
-
-def _repeats(requests, counts, device) -> torch.Tensor:
-    return torch.tensor([n for r, n in zip(requests, counts, strict=True) for _ in r.prompts], device=device)
+def _repeats(batch, device) -> torch.Tensor:
+    """Each running request's image count, once per prompt (a prompt's rows are its images)."""
+    requests = [batch.requests[i] for i in batch.active]
+    return torch.tensor([r.settings.num_images for r in requests for _ in r.prompts], device=device)
 
 
 def _convert(images: torch.Tensor, output_type: str):

@@ -118,12 +118,15 @@ def _load_stable(model, backend: str, device: str, dtype: str, cuda_graphs: bool
                  step_cache: int):
     from unclip.engine.stable_unclip import load_stable_pipeline
 
-    given = [name for name, on in (("--dtype " + dtype, dtype != "fp32"), ("--cuda-graphs", cuda_graphs),
-                                   ("--kernels", kernels), (f"--step-cache {step_cache}", step_cache != 1))
+    given = [name for name, on in (("--kernels", kernels), (f"--step-cache {step_cache}", step_cache != 1))
              if on]
-    if given:
-        raise UnclipError(f"{given[0]} is not available for Stable unCLIP models yet (they run on --backend "
-                          "torch in float32); drop it")
+    if given:  # the Triton kernels and the step cache are built for Karlo's own UNet modules
+        raise UnclipError(f"{given[0]} is not available for Stable unCLIP models yet (its fast path is "
+                          "--dtype fp16|bf16 with --cuda-graphs); drop it")
+    if (dtype != "fp32" or cuda_graphs) and backend != "torch":
+        raise UnclipError(f"--dtype {dtype}/--cuda-graphs apply to --backend torch for Stable unCLIP models "
+                          f"(its exports run in float32); drop them or use --backend torch")
+    _check_fast_path("torch", device, dtype, cuda_graphs, False)
     from unclip.export.stable_unclip_onnx import is_stable_artifact
 
     logging.getLogger("unclip").info("loading %s (Stable unCLIP, %s) ...", model, backend)
@@ -143,7 +146,7 @@ def _load_stable(model, backend: str, device: str, dtype: str, cuda_graphs: bool
                           "onnxruntime or openvino")
     if isinstance(model, str | Path) and exported:
         raise UnclipError(f"{model} is an export folder: load it with --backend onnxruntime or openvino")
-    return load_stable_pipeline(model, device)
+    return load_stable_pipeline(model, device, dtype=dtype, cuda_graphs=cuda_graphs)
 
 
 def _check_fast_path(backend: str, device: str, dtype: str, cuda_graphs: bool, kernels: bool) -> None:

@@ -65,6 +65,7 @@ class PrecisionBackend:
         self.dtype = DTYPES[precision]
         self.device = backend.device
         self.specs = backend.specs
+        self.dims = getattr(backend, "dims", None)  # Stable unCLIP's pipeline reads its backend's dims
         self.networks = backend.networks
         self.channels_last = channels_last
         for name, network in self.networks.items():

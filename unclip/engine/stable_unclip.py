@@ -612,9 +612,26 @@ def _convert(images: torch.Tensor, output_type: str):
     return [Image.fromarray(im) for im in (array * 255).round().astype(np.uint8)]
 
 
-def load_stable_pipeline(model, device: str = "cpu") -> StableUnclipPipeline:
-    """A Stable unCLIP folder (either diffusers layout) or loaded components, on the torch backend."""
+# the networks called once per sampler step: their calls are replayed from CUDA graphs with cuda_graphs
+STEP_NETWORKS = ("prior", "unet")
+
+
+def load_stable_pipeline(
+    model, device: str = "cpu", dtype: str = "fp32", cuda_graphs: bool = False
+) -> StableUnclipPipeline:
+    """A Stable unCLIP folder (either diffusers layout) or loaded components, on the torch backend; the
+    fast path as for Karlo: every network in `dtype` (the samplers in float32, engine/precision.py) and
+    the per-step networks' calls replayed from CUDA graphs (engine/network_graphs.py)."""
     from unclip.models.stable_unclip import load_stable_components
 
     components = load_stable_components(model)
-    return StableUnclipPipeline(StableTorchBackend(components, device), components)
+    backend = StableTorchBackend(components, device)
+    if dtype != "fp32":
+        from unclip.engine.precision import PrecisionBackend
+
+        backend = PrecisionBackend(backend, dtype)
+    if cuda_graphs:
+        from unclip.engine.network_graphs import GraphedBackend
+
+        backend = GraphedBackend(backend, STEP_NETWORKS)
+    return StableUnclipPipeline(backend, components)

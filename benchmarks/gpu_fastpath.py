@@ -133,9 +133,14 @@ class FastRunner(Runner):
         return load_model(model)
 
     def load(self) -> None:
+        from unclip.models.stable_unclip import is_stable_unclip
+
         options = {"diffusers_dtype": "fp32"} if self.kind == BASELINE else runner_options(self.kind)
         if options is None:
             return super().load()
+        self.stable = is_stable_unclip(self.spec["model"])
+        if self.stable:
+            return self.load_stable(options)
         self.components = self.build()
         if "diffusers_dtype" in options:
             from unclip.bench.baseline import attach_timeline, diffusers_pipeline
@@ -168,6 +173,32 @@ class FastRunner(Runner):
             self.pipe.stage_runner = TimedStageRunner(self.pipe.stage_runner, self.timeline)
         return None
 
+    def load_stable(self, options: dict) -> None:
+        """Stable unCLIP (sd-unclip-l): diffusers' StableUnCLIPPipeline in the runner's dtype, or ours with
+        its fast path (half precision, CUDA graphs of the prior's and UNet's calls; no Triton kernels,
+        step cache or channels-last for this family)."""
+        import unclip
+        from unclip.bench.baseline import attach_stable_timeline
+        from unclip.engine.profiling import TimedBackend
+        from unclip.models.stable_unclip import diffusers_pipeline, load_stable_components
+
+        self.components = load_stable_components(self.spec["model"], device=self.device)
+        if "diffusers_dtype" in options:
+            self.pipe = diffusers_pipeline(self.components).to(self.spec["device"],
+                                                               DTYPES[options["diffusers_dtype"]])
+            self.pipe.set_progress_bar_config(disable=True)
+            attach_stable_timeline(self.pipe, self.timeline)
+            self.release_cast_copies()
+            return
+        unsupported = [k for k in ("kernels", "only", "channels_last") if options[k]]
+        if unsupported or options["step_cache"] != 1:
+            raise UnclipError(f"runner {self.kind}: Stable unCLIP's fast path is half precision and "
+                              "CUDA graphs (no Triton kernels, channels-last or step cache)")
+        self.pipe = unclip.load(self.components, device=self.spec["device"], dtype=options["dtype"],
+                                cuda_graphs=options["cuda_graphs"])
+        self.release_cast_copies()
+        self.pipe.backend = TimedBackend(self.pipe.backend, self.timeline)
+
     def release_cast_copies(self) -> None:
         """The float32 weights a half cast replaced stay cached by torch's allocator: give them back,
         or every runner process would keep a model's float32 size of GPU memory reserved."""
@@ -175,6 +206,12 @@ class FastRunner(Runner):
             torch.cuda.empty_cache()
 
     def generate(self, batch: int) -> list:
+        if getattr(self, "stable", False) and "diffusers_dtype" in (runner_options(self.kind) or {}):
+            from unclip.bench.baseline import generate_stable
+            from unclip.bench.worker import STABLE_SETTINGS
+
+            settings = {k: self.settings[k] for k in STABLE_SETTINGS if k in self.settings}
+            return generate_stable(self.pipe, [self.spec["prompt"]] * batch, self.spec["seed"], settings)
         if "diffusers_dtype" in (runner_options(self.kind) or {}):
             from unclip.bench.baseline import generate
 

@@ -16,8 +16,8 @@
 #   karlo-kernels  karlo, batch 1 and 8: ours half eager, graphs, graphs + each   300 s
 #                  kernel alone
 #   karlo-cache    karlo, batch 1: the decoder step cache at N = 2, 3, 4, eager   300 s
-#   sd-unclip      Stable unCLIP at real shapes (sd-unclip-l, 768 px), fp32 eager vs diffusers   300 s
-#                  (its FLOPs per call) and graphs + GroupNorm+SiLU (its speed)
+#   sd-unclip      Stable unCLIP at real shapes (sd-unclip-l, 768 px), batch 1 and 4: diffusers    300 s
+#                  fp32/half, ours half eager and half + CUDA graphs (its fast path)
 #
 # A lease is 15 minutes of device time in all (the machine's start counted), one command at most
 # 10: the first call runs what fits of the first four (BUDGET, default 540 s of the call's 600: a
@@ -137,10 +137,11 @@ for i in "${!todo[@]}"; do
         c="torch-$D-graphs-gn"
         bench karlo-cache --model karlo --batch-sizes 1 --warmup 1 --repeat 3 --dtype "$D" \
             --runners "diffusers-$D,torch-$D,torch-$D+cache2,torch-$D+cache3,torch-$D+cache4,$c,$c+cache2,$c+cache3,$c+cache4" ;;
-    sd-unclip)  # the second family: no fast path yet, so unclip bench itself (fp32, both eager)
-        timeout --signal=INT --kill-after=20 "$(cap sd-unclip)" python3 -m unclip.cli bench --model sd-unclip-l \
-            --device cuda --backends torch-fp32 --batch-sizes 1 --prior-steps 25 --decoder-steps 20 \
-            --warmup 1 --repeat 3 --no-plots --out "$OUT/sd-unclip-l" ;;
+    sd-unclip)  # the second family at real shapes, built on the GPU: diffusers fp32/half against ours
+        # half eager and half + CUDA graphs of each prior/UNet call (its fast path; no kernels for it)
+        bench sd-unclip --model sd-unclip-l --batch-sizes 1,4 --warmup 1 --repeat 3 --dtype "$D" \
+            --prior-steps 25 --decoder-steps 20 \
+            --runners "diffusers-$D,torch-$D,torch-$D-graphs" ;;
     esac
     status=$?
     echo "$p exit=$status seconds=$((SECONDS - t0)) dtype=$D $(date -u +%FT%TZ)" >>"$OUT/phases.txt"

@@ -213,13 +213,15 @@ def test_merge_puts_every_part_in_one_results_json(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_fastpath_measures_on_cpu_and_keeps_going_past_a_failed_runner(tmp_path):
-    """gpu_fastpath.py end to end on CPU (eager runners, float32): its runner names pass the bench's
-    machinery, and a runner that fails (here: CUDA graphs on CPU) is dropped, named and fails the
-    phase while the others are measured (a GPU lease is too short to lose a whole phase to one)."""
+@pytest.mark.parametrize("model", ["tiny", "sd-unclip-tiny"])
+def test_gpu_fastpath_measures_on_cpu_and_keeps_going_past_a_failed_runner(tmp_path, model):
+    """gpu_fastpath.py end to end on CPU (eager runners, float32), for both families (the suite's
+    sd-unclip phase runs it on Stable unCLIP): its runner names pass the bench's machinery, and a
+    runner that fails (here: CUDA graphs on CPU) is dropped, named and fails the phase while the
+    others are measured (a GPU lease is too short to lose a whole phase to one)."""
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_fastpath.py"), "--device", "cpu",
-                           "--model", "tiny", "--dtype", "fp32", "--batch-sizes", "1",
+                           "--model", model, "--dtype", "fp32", "--batch-sizes", "1",
                            "--runners", "diffusers-fp32,torch-fp32-graphs", "--prior-steps", "2",
                            "--decoder-steps", "2", "--super-res-steps", "2", "--warmup", "0", "--repeat", "2",
                            "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -232,3 +234,5 @@ def test_gpu_fastpath_measures_on_cpu_and_keeps_going_past_a_failed_runner(tmp_p
     assert "needs --device cuda" in doc["runners"]["torch-fp32-graphs"]["failed"]
     assert doc["settings"]["prior_guidance"] == 4.0 and doc["settings"]["decoder_guidance"] == 8.0
     assert "Runners that failed and were dropped: torch-fp32-graphs" in (out / "results.md").read_text()
+    stages = doc["runs"][0]["stages_ms"]  # each family's own last stage was timed
+    assert stages["vae" if model == "sd-unclip-tiny" else "super_res"] > 0

@@ -59,7 +59,9 @@ def test_uncaptured_graph_buffers_give_the_plain_images():
         (dict(cuda_graphs=True), "needs --device cuda"),
         (dict(kernels=True), "--kernels is not available for Stable unCLIP"),
         (dict(step_cache=2), "--step-cache 2 is not available for Stable unCLIP"),
-        (dict(backend="onnxruntime", dtype="bf16"), "apply to --backend torch for Stable unCLIP"),
+        (dict(backend="onnxruntime", dtype="bf16"), "--dtype bf16 applies to --backend torch for Stable"),
+        (dict(backend="openvino", cuda_graphs=True), "--cuda-graphs applies to --backend torch or tensorrt"),
+        (dict(backend="tensorrt"), "must be a folder made by `unclip export onnx`"),
     ],
 )
 def test_load_refuses_what_this_family_or_device_lacks_in_one_line(options, message):

@@ -613,3 +613,56 @@ def test_cli_builds_only_what_is_missing(built, monkeypatch):
     new = json.loads((built / "manifest.json").read_text())["tensorrt"]["engines"]
     assert all("nvidia-l4-sm89" in e["file"] and (built / e["file"]).is_file() for e in new.values())
     assert not any((built / f).exists() for f in old.values())  # replaced engines are deleted
+
+
+# -- Stable unCLIP (the second family): its fp16 export, engines per network, the runtime's refusals --
+
+# The fp16 export's images on ONNX Runtime against torch float32, the same draws: every network computes
+# in fp16 with fp32 islands (each validated within 3e-2 of torch); measured on tiny, 2 images, prior 2 /
+# UNet 3 steps: mean 0.25/255, max 1.7/255. Bound: 4/255.
+STABLE_FP16 = 4 / 255
+
+
+@pytest.fixture(scope="module")
+def stable_fp16(tmp_path_factory):
+    from unclip.export.stable_unclip_onnx import export_stable_onnx
+
+    folder = tmp_path_factory.mktemp("stable") / "fp16"
+    export_stable_onnx("sd-unclip-tiny", folder, precision="fp16")
+    return folder
+
+
+def test_stable_unclip_fp16_export_gets_an_engine_per_network_and_runs_on_onnxruntime(stable_fp16, tmp_path,
+                                                                                       monkeypatch):
+    """`unclip export tensorrt` on a Stable unCLIP fp16 export: each network's graph passes the fp32-island
+    check and gets the profile of its rows (the UNet's guided pairs double); the manifest records the
+    engines; the runtime refuses the CPU in one line; ONNX Runtime runs the same export like torch."""
+    import unclip
+    import unclip.export.tensorrt_build as build
+    from unclip.export.manifest import read_manifest
+
+    folder = copy_of(stable_fp16, tmp_path / "artifact")
+    calls = {}
+
+    def fake_build(onnx_path, network, inputs, profile, options):
+        check_fp32_islands(onnx_path, network)  # what the real build checks first
+        calls[network] = profile
+        return b"engine of " + network.encode()
+
+    monkeypatch.setattr(cache, "current_target", lambda index=None: HERE)
+    monkeypatch.setattr(build, "build_engine", fake_build)
+    result = run_cli("export", "tensorrt", "--artifacts", str(folder), "--batch-sizes", "1,4")
+    assert result.exit_code == 0, result.output
+    assert calls == {"prior_text_encoder": Profile(1, 4, 4), "prior": Profile(1, 8, 8),
+                     "text_encoder": Profile(1, 5, 5), "unet": Profile(1, 8, 8),
+                     "vae_decoder": Profile(1, 4, 4)}
+    manifest = read_manifest(folder)
+    assert set(cache.engine_entries(manifest)) == set(calls) and manifest["family"] == "stable-unclip"
+    assert all(not entry["tensorrt_unsupported_ops"] for entry in manifest["networks"].values())
+    with pytest.raises(UnclipError, match="on the GPU with tensorrt") as error:
+        unclip.load(folder, backend="tensorrt", device="cpu")
+    assert "\n" not in str(error.value)
+    settings = dict(seed=3, num_images=2, output_type="np", prior_steps=2, decoder_steps=3)
+    got = unclip.load(folder, backend="onnxruntime").generate("a red circle", **settings)
+    want = unclip.load("sd-unclip-tiny").generate("a red circle", **settings)
+    assert float(np.abs(got - want).max()) <= STABLE_FP16

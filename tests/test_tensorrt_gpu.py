@@ -119,3 +119,37 @@ def test_engine_from_other_tensorrt_is_refused(engines, tmp_path):
     with pytest.raises(UnclipError, match="prior: the engine was built with TensorRT 9.0.0.*--rebuild"):
         unclip.load(folder, backend="tensorrt", device="cuda")
 
+
+
+# -- Stable unCLIP ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stable_engines(tmp_path_factory):
+    """The tiny Stable unCLIP text model exported in fp16, its engines built by the CLI, --check included."""
+    from unclip.export.stable_unclip_onnx import export_stable_onnx
+
+    folder = tmp_path_factory.mktemp("stable-trt") / "artifact"
+    export_stable_onnx("sd-unclip-tiny", folder, precision="fp16")
+    result = run_cli("export", "tensorrt", "--artifacts", str(folder), "--batch-sizes", BATCH_SIZES,
+                     "--workspace", "2", "--opt-level", "2", "--check")
+    assert result.exit_code == 0, result.output
+    checked = [line for line in result.stdout.splitlines() if "non-finite" in line]
+    assert checked and all(line.endswith("  ok") for line in checked), result.stdout
+    return folder
+
+
+def test_stable_unclip_engines_match_onnxruntime_eager_and_graphed(stable_engines):
+    """The same fp16 graphs on TensorRT and on ONNX Runtime (CPU): images within a few levels (the bound of
+    test_images_match_onnxruntime); the graphed engine calls give the eager engines' images, replayed."""
+    import unclip
+
+    settings = dict(seed=3, num_images=2, output_type="np", prior_steps=2, decoder_steps=3)
+    want = unclip.load(stable_engines, backend="onnxruntime").generate("a red circle", **settings)
+    eager = unclip.load(stable_engines, backend="tensorrt", device="cuda").generate("a red circle", **settings)
+    assert np.abs(eager - want).mean() < 4 / 255
+    graphed = unclip.load(stable_engines, backend="tensorrt", device="cuda", cuda_graphs=True)
+    first = graphed.generate("a red circle", **settings)
+    assert np.abs(first - eager).max() < 2 / 255  # the same engines; only the calls are captured
+    assert np.array_equal(graphed.generate("a red circle", **settings), first)
+    assert all(entry.replays > 0 for entry in graphed.backend.entries.values())

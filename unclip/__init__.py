@@ -123,29 +123,31 @@ def _load_stable(model, backend: str, device: str, dtype: str, cuda_graphs: bool
     if given:  # the Triton kernels and the step cache are built for Karlo's own UNet modules
         raise UnclipError(f"{given[0]} is not available for Stable unCLIP models yet (its fast path is "
                           "--dtype fp16|bf16 with --cuda-graphs); drop it")
-    if (dtype != "fp32" or cuda_graphs) and backend != "torch":
-        raise UnclipError(f"--dtype {dtype}/--cuda-graphs apply to --backend torch for Stable unCLIP models "
-                          f"(its exports run in float32); drop them or use --backend torch")
-    _check_fast_path("torch", device, dtype, cuda_graphs, False)
+    if dtype != "fp32" and backend != "torch":
+        raise UnclipError(f"--dtype {dtype} applies to --backend torch for Stable unCLIP models (an export's "
+                          "precision is set by `unclip export onnx --precision`); drop it")
+    if cuda_graphs and backend not in ("torch", "tensorrt"):
+        raise UnclipError(f"--cuda-graphs applies to --backend torch or tensorrt, not {backend}; drop it")
+    if backend == "torch":
+        _check_fast_path("torch", device, dtype, cuda_graphs, False)
     from unclip.export.stable_unclip_onnx import is_stable_artifact
 
     logging.getLogger("unclip").info("loading %s (Stable unCLIP, %s) ...", model, backend)
     exported = not isinstance(model, str | Path) or is_stable_artifact(model)
-    if backend in ("onnxruntime", "openvino"):
+    if backend in ("onnxruntime", "openvino", "tensorrt"):
         if not (isinstance(model, str | Path) and exported):
             raise UnclipError(f"with --backend {backend}, --model must be a folder made by `unclip export "
                               f"onnx`; {model} is a Stable unCLIP checkpoint: export it first, or use "
                               "--backend torch")
-        if device != "cpu":
-            raise UnclipError(f"Stable unCLIP exports run on --device cpu with --backend {backend} for now")
         from unclip.engine.stable_unclip_runtime import load_stable_export
 
-        return load_stable_export(model, backend)
+        return load_stable_export(model, backend, device, cuda_graphs)
     if backend != "torch":
-        raise UnclipError(f"--backend {backend} does not run Stable unCLIP models yet; use torch, "
-                          "onnxruntime or openvino")
+        raise UnclipError(f"--backend {backend} does not run Stable unCLIP models; use torch, onnxruntime, "
+                          "openvino or tensorrt")
     if isinstance(model, str | Path) and exported:
-        raise UnclipError(f"{model} is an export folder: load it with --backend onnxruntime or openvino")
+        raise UnclipError(f"{model} is an export folder: load it with --backend onnxruntime, openvino or "
+                          "tensorrt")
     return load_stable_pipeline(model, device, dtype=dtype, cuda_graphs=cuda_graphs)
 
 

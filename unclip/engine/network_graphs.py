@@ -58,6 +58,9 @@ class GraphedBackend:
         spec = self.specs[network]
         n = next(iter(inputs.values())).shape[0]
         rows = row_bucket(n)
+        most = getattr(self._backend, "profiles", {}).get(network, {}).get("max")  # a TensorRT engine's
+        if most is not None and n <= most < rows:
+            rows = most  # padded no further than the engine accepts
         padded = {k: pad_rows(inputs[k], rows, guided=False) for k in spec.input_names}
         entry = self.entries.get((network, rows))
         if entry is None:

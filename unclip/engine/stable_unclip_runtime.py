@@ -1,5 +1,6 @@
 """Stable unCLIP from an export folder (`unclip export onnx --model <Stable unCLIP>`): the same pipeline
-(engine/stable_unclip.py) with its networks run by ONNX Runtime or OpenVINO instead of torch.
+(engine/stable_unclip.py) with its networks run by ONNX Runtime or OpenVINO instead of torch, or by the
+TensorRT engines `unclip export tensorrt` built from an fp16 export (never run: no TensorRT here).
 
 The folder is checked against its manifest first (every file's sha256), so a damaged or hand-edited
 export is refused with the file's name rather than failing inside a runtime.
@@ -15,7 +16,7 @@ import torch
 
 from unclip.errors import UnclipError
 
-RUNTIMES = ("onnxruntime", "openvino")
+RUNTIMES = ("onnxruntime", "openvino", "tensorrt")
 
 
 class StableExportBackend:
@@ -74,8 +75,26 @@ def _openvino(path: Path):
     return run
 
 
-def load_stable_export(folder: str | Path, runtime: str = "onnxruntime"):
-    """A StableUnclipPipeline over an export folder, its networks run by `runtime`."""
+def stable_export(folder: str | Path) -> tuple[Path, dict, object, dict]:
+    """(folder, manifest, dims, specs of the networks it holds) of an export folder, its manifest checked
+    against its schema and every file against its sha256 (unclip/export/manifest.py)."""
+    from unclip.engine.stable_unclip import StableDims, stable_specs
+    from unclip.export import manifest as layout
+    from unclip.export.stable_unclip_onnx import RUNTIME
+
+    folder = Path(folder)
+    manifest = layout.read_manifest(folder)
+    layout.verify_files(folder, manifest)
+    dims = StableDims(**json.loads((folder / RUNTIME).read_text())["dims"])
+    return folder, manifest, dims, {n: s for n, s in stable_specs(dims).items() if n in manifest["networks"]}
+
+
+def load_stable_export(
+    folder: str | Path, runtime: str = "onnxruntime", device: str = "cpu", cuda_graphs: bool = False
+):
+    """A StableUnclipPipeline over an export folder, its networks run by `runtime`: ONNX Runtime or
+    OpenVINO on the CPU, or the TensorRT engines `unclip export tensorrt` built into it (on the GPU;
+    `cuda_graphs` replays each prior/UNet engine call from a CUDA graph, engine/network_graphs.py)."""
     from pydantic import TypeAdapter
     from safetensors.torch import load_file
     from transformers import CLIPTokenizer
@@ -89,7 +108,13 @@ def load_stable_export(folder: str | Path, runtime: str = "onnxruntime"):
     folder = Path(folder)
     if runtime not in RUNTIMES:
         raise UnclipError(
-            f"--backend {runtime} does not run Stable unCLIP exports; use onnxruntime or openvino"
+            f"--backend {runtime} does not run Stable unCLIP exports; use onnxruntime, openvino or tensorrt"
+        )
+    if (runtime == "tensorrt") != str(device).startswith("cuda") or (cuda_graphs and runtime != "tensorrt"):
+        raise UnclipError(
+            f"--backend {runtime} with --device {device}{' --cuda-graphs' if cuda_graphs else ''}: Stable "
+            "unCLIP exports run on the CPU with onnxruntime/openvino, on the GPU with tensorrt (its "
+            "engines, `unclip export tensorrt`; --cuda-graphs there)"
         )
     manifest = json.loads((folder / layout.MANIFEST).read_text())
     found = layout.checksums(folder)
@@ -102,9 +127,22 @@ def load_stable_export(folder: str | Path, runtime: str = "onnxruntime"):
     config = json.loads((folder / RUNTIME).read_text())
     dims = StableDims(**config["dims"])
     tensors = load_file(folder / CONSTANTS)
-    backend = StableExportBackend(
-        folder, runtime, manifest, dims, {k: v for k, v in tensors.items() if k.startswith("clip_")}
-    )
+    constants = {k: v for k, v in tensors.items() if k.startswith("clip_")}
+    if runtime == "tensorrt":
+        from unclip.engine.backends.tensorrt_backend import TensorRTBackend
+        from unclip.engine.stable_unclip import STEP_NETWORKS
+
+        _, manifest, _, specs = stable_export(folder)  # schema-checked, with the engines recorded
+        artifact = SimpleNamespace(
+            folder=folder, manifest=manifest, specs=specs, dims=dims, constants=constants
+        )
+        backend = TensorRTBackend(artifact, device)
+        if cuda_graphs:
+            from unclip.engine.network_graphs import GraphedBackend
+
+            backend = GraphedBackend(backend, STEP_NETWORKS)
+    else:
+        backend = StableExportBackend(folder, runtime, manifest, dims, constants)
     text = config["layout"] == "text"
     components = SimpleNamespace(
         layout=config["layout"],

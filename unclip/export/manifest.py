@@ -34,6 +34,7 @@ from unclip.folders import check_output_folder, staged_folder  # noqa: F401 (the
 
 FORMAT = "unclip-onnx"
 FORMAT_VERSION = 1
+STABLE_FORMAT = "unclip-stable-unclip-onnx"  # the second family's export (export/stable_unclip_onnx.py)
 MANIFEST = "manifest.json"
 MODEL_DIMS = "model_dims.json"
 SCHEDULERS = "schedulers.json"
@@ -161,6 +162,31 @@ class Manifest(_Schema):
     tensorrt: TensorRTSection | None = None
 
 
+class StableSourceModel(_Schema):
+    name: str
+    layout: Literal["text", "image"]
+    weights_sha256: Sha256
+
+
+class StableManifest(_Schema):
+    """A Stable unCLIP export's manifest: the same network entries, its own runtime files (all in `files`)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    format: Literal["unclip-stable-unclip-onnx"]
+    format_version: Literal[1]
+    family: Literal["stable-unclip"]
+    created: str
+    precision: Precision
+    opset: Annotated[int, Field(ge=1)]
+    source_model: StableSourceModel
+    tools: dict[str, str]
+    validation: ExportValidation
+    networks: dict[str, NetworkEntry] = Field(min_length=1)
+    files: dict[RelativePath, Sha256]
+    tensorrt: TensorRTSection | None = None
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -188,13 +214,13 @@ def read_manifest(folder: Path) -> dict:
                           f"{REEXPORT_HINT}") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UnclipError(f"{path} is not valid JSON ({exc}); {REEXPORT_HINT}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, STABLE_FORMAT):
         raise UnclipError(f"{path} is not an unclip ONNX manifest (format {FORMAT!r}); {REEXPORT_HINT}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UnclipError(f"{path} has format_version {manifest.get('format_version')!r}, this unclip "
                           f"reads {FORMAT_VERSION}; {REEXPORT_HINT}")
     try:
-        Manifest.model_validate(manifest)
+        (StableManifest if manifest["format"] == STABLE_FORMAT else Manifest).model_validate(manifest)
     except ValidationError as exc:
         raise schema_error(exc, where=f"{path}: ", fix=REEXPORT_HINT, data=manifest) from None
     for name, entry in manifest["networks"].items():
@@ -230,6 +256,8 @@ def verify_file(folder: Path, relative: str, expected_sha256: str) -> Path:
 def runtime_files(folder: Path, manifest: dict) -> list[str]:
     """Every file a runtime reads (relative paths): each network's file and external data, the
     configs, the tokenizer's files, the model's sampler defaults."""
+    if manifest["format"] == STABLE_FORMAT:  # its export lists every file it wrote, each read at load
+        return list(manifest["files"])
     files = []
     for entry in manifest["networks"].values():
         files.append(entry["file"])

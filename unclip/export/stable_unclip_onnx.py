@@ -3,7 +3,8 @@ CLIP image encoder; the UNet's text encoder, the latent UNet with its class-embe
 decoder) traced, cleaned and validated against torch exactly as Karlo's (export/onnx_export.py), into a
 folder with the runtime's files: sizes, the samplers' configs, the image normaliser's and the prior's
 statistics, tokenizers and the image preprocessing. ONNX Runtime and OpenVINO run it
-(engine/stable_unclip_runtime.py); fp32 only for now.
+(engine/stable_unclip_runtime.py); `--precision fp16` writes the fp16 graphs with fp32 islands that
+`unclip export tensorrt` builds engines from, as for Karlo.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from unclip.errors import UnclipError
 from unclip.export import manifest as layout
 from unclip.export.onnx_trace import EXTERNAL_DATA_BYTES
 from unclip.export.validation import TOLERANCE
@@ -22,7 +22,7 @@ from unclip.export.validation import TOLERANCE
 log = logging.getLogger("unclip")
 
 FAMILY = "stable-unclip"
-FORMAT = "unclip-stable-unclip-onnx"
+FORMAT = layout.STABLE_FORMAT
 FORMAT_VERSION = 1
 RUNTIME = "stable_unclip.json"  # layout, sizes, samplers
 CONSTANTS = "constants.safetensors"  # normaliser mean/std, the prior's CLIP statistics
@@ -42,8 +42,6 @@ def export_stable_onnx(
     from unclip.export.onnx_export import export_network, tool_versions, weights_sha256
     from unclip.models.stable_unclip import load_stable_components
 
-    if precision != "fp32":
-        raise UnclipError(f"--precision {precision}: Stable unCLIP exports in fp32 for now; drop --precision")
     out = Path(out)
     layout.check_output_folder(out)
     components = load_stable_components(model, seed)

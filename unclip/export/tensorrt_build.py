@@ -46,7 +46,15 @@ ROWS = {
     "decoder": (lambda b: 2 * b, lambda b: b),
     "super_res_first": (lambda b: b, lambda b: b),
     "super_res_last": (lambda b: b, lambda b: b),
+    # Stable unCLIP (engine/stable_unclip.py): its text encoders see the prompts and the "" prompts in
+    # two calls of at most B rows; the latent UNet runs guided pairs like the decoder; the VAE decodes
+    # B latents, or a streamed request's previews (from one row)
+    "prior_text_encoder": (lambda b: b, lambda b: b),
+    "unet": (lambda b: 2 * b, lambda b: b),
+    "vae_decoder": (lambda b: b, lambda b: b),
 }
+# networks whose calls may have a single row whatever B is
+ONE_ROW = ("text_encoder", "image_encoder", "prior_text_encoder", "vae_decoder")
 # networks that take another's rows: the step cache's pair (`unclip export onnx --step-cache`) replaces
 # the decoder's calls one for one
 SAME_ROWS = {"decoder_full": "decoder", "decoder_shallow": "decoder"}
@@ -81,7 +89,7 @@ def profile_for(network: str, batch_sizes: list[int]) -> Profile:
         raise UnclipError(f"no batch rule for network {network!r}; known: {', '.join([*ROWS, *SAME_ROWS])}")
     sizes = sorted(set(batch_sizes))
     guided, unguided = ROWS[rule]
-    low = 1 if network in ("text_encoder", "image_encoder") else unguided(sizes[0])
+    low = 1 if network in ONE_ROW else unguided(sizes[0])
     return Profile(min=low, opt=guided(sizes[len(sizes) // 2]), max=guided(sizes[-1]))
 
 

@@ -120,15 +120,22 @@ def check_engines(folder) -> tuple[list[CheckRow], str]:
 
     from unclip.engine.artifact import load_artifact
     from unclip.export import tensorrt_cache as cache
+    from unclip.export.stable_unclip_onnx import is_stable_artifact
 
-    artifact = load_artifact(folder)
-    manifest, specs = artifact.manifest, artifact.specs  # with the step cache's pair where exported
+    if is_stable_artifact(folder):  # the second family: its own spec table and sizes
+        from unclip.engine.stable_unclip_runtime import stable_export
+
+        folder, manifest, dims, specs = stable_export(folder)
+    else:
+        artifact = load_artifact(folder)
+        folder, dims = artifact.folder, artifact.dims
+        manifest, specs = artifact.manifest, artifact.specs  # with the step cache's pair where exported
     precision = manifest["precision"]
-    paths = cache.require_engines(artifact.folder, manifest, list(specs), precision, cache.current_target())
+    paths = cache.require_engines(folder, manifest, list(specs), precision, cache.current_target())
     rows = []
     for name, spec in specs.items():
-        reference = onnxruntime_runner(artifact.folder, manifest["networks"][name])
+        reference = onnxruntime_runner(folder, manifest["networks"][name])
         engine = TrtRunner(EngineFromPath(str(paths[name])))
-        rows += check_network(spec, artifact.dims, cache.engine_entries(manifest)[name]["profile"], precision,
+        rows += check_network(spec, dims, cache.engine_entries(manifest)[name]["profile"], precision,
                               reference, engine)
     return rows, precision

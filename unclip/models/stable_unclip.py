@@ -255,9 +255,10 @@ def _real_configs(special: dict) -> dict:
 
 
 def build_stable_preset(
-    layout: str = "text", seed: int = 0, name: str = "sd-unclip-tiny"
+    layout: str = "text", seed: int = 0, name: str = "sd-unclip-tiny", device: str | torch.device = "cpu"
 ) -> StableUnclipComponents:
-    """A preset's networks with seeded random weights (same seed, same weights) in `layout`."""
+    """A preset's networks with seeded random weights (same seed and device, same weights) in `layout`,
+    built on `device` (the GPU suite builds sd-unclip-l on the GPU: seconds, not minutes)."""
     from diffusers import AutoencoderKL, PriorTransformer, UNet2DConditionModel
     from transformers import (
         CLIPTextConfig,
@@ -278,7 +279,7 @@ def build_stable_preset(
     configs = _real_configs(special) if real else _configs(special)
     embed = 768 if real else TINY["embed"]
     nets = {}
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         nets["text_encoder"] = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
         nets["unet"] = UNet2DConditionModel.from_config(configs["unet"])
@@ -317,12 +318,14 @@ def build_stable_preset(
     )
 
 
-def load_stable_components(model, seed: int = 0) -> StableUnclipComponents:
-    """Components as given, a preset's (random weights from `seed`), or a folder's."""
+def load_stable_components(
+    model, seed: int = 0, device: str | torch.device = "cpu"
+) -> StableUnclipComponents:
+    """Components as given, a preset's (random weights from `seed`, built on `device`), or a folder's."""
     if isinstance(model, StableUnclipComponents):
         return model
     if str(model) in STABLE_PRESETS and not Path(model).exists():
-        return build_stable_preset(STABLE_PRESETS[str(model)], seed=seed, name=str(model))
+        return build_stable_preset(STABLE_PRESETS[str(model)], seed=seed, name=str(model), device=device)
     return load_stable_unclip(model)
 
 

@@ -146,7 +146,8 @@ def test_stable_unclip_engines_match_onnxruntime_eager_and_graphed(stable_engine
 
     settings = dict(seed=3, num_images=2, output_type="np", prior_steps=2, decoder_steps=3)
     want = unclip.load(stable_engines, backend="onnxruntime").generate("a red circle", **settings)
-    eager = unclip.load(stable_engines, backend="tensorrt", device="cuda").generate("a red circle", **settings)
+    trt = unclip.load(stable_engines, backend="tensorrt", device="cuda")
+    eager = trt.generate("a red circle", **settings)
     assert np.abs(eager - want).mean() < 4 / 255
     graphed = unclip.load(stable_engines, backend="tensorrt", device="cuda", cuda_graphs=True)
     first = graphed.generate("a red circle", **settings)

@@ -72,6 +72,33 @@ class RecordingBackend:
         return self._backend.constants()
 
 
+STABLE_ONLY = ("prior_text_encoder", "unet", "vae_decoder")  # Stable unCLIP's own networks
+
+
+def test_profiles_cover_the_rows_the_stable_unclip_pipeline_asks_for():
+    """The same for the second family: guided and not, several images per prompt, a streamed request
+    (its previews decode its rows alone) batched with one that does not stream."""
+    from unclip.engine.batch import Request
+    from unclip.engine.stable_unclip import load_stable_pipeline
+
+    pipe = load_stable_pipeline("sd-unclip-tiny")
+    pipe.backend = recorder = RecordingBackend(pipe.backend)
+    recorder.dims = recorder._backend.dims
+    for prompts, n, guidance in ((["a", "b"], 2, 4.0), (["a"], 4, 1.0)):
+        s = pipe.settings(num_images=n, prior_guidance=guidance, decoder_guidance=guidance, prior_steps=2,
+                          decoder_steps=3)
+        requests = [Request(prompts, s, torch.Generator().manual_seed(0)),
+                    Request(["c"], s, torch.Generator().manual_seed(1), partial_images=1, on_partial=print)]
+        recorder.seen = {}
+        pipe.generate_requests(requests)
+        images = (len(prompts) + 1) * n
+        assert set(recorder.seen) == {"prior_text_encoder", "prior", "text_encoder", "unet", "vae_decoder"}
+        for network, rows in recorder.seen.items():
+            profile = profile_for(network, [1, images])
+            assert all(profile.min <= r <= profile.max for r in rows), (network, rows, profile)
+        assert recorder.seen["vae_decoder"] == {n, images}  # the preview's rows, then the batch
+
+
 @pytest.mark.parametrize("prompts,settings,expect_guided", [
     (["a", "b", "c", "d"], {}, True),  # B = 4 prompts x 1 image
     (["a"], dict(num_images=4), True),  # B = 4 as 1 prompt x 4 images: the encoder sees 2 rows
@@ -89,7 +116,7 @@ def test_profiles_cover_the_rows_the_pipeline_asks_for(tiny_pipeline, prompts, s
     blank = np.zeros((16, 16, 3), np.uint8)
     pipe.vary([blank] * len(prompts), output_type="np", **{**FAST_STEPS, **settings})
     images = len(prompts) * settings.get("num_images", 1)
-    assert set(recorder.seen) == set(ROWS)
+    assert set(recorder.seen) == set(ROWS) - set(STABLE_ONLY)
     assert recorder.seen["image_encoder"] == {len(prompts)}
     for network, rows in recorder.seen.items():
         profile = profile_for(network, [1, images])

@@ -36,10 +36,20 @@ def chromium() -> tuple[str, str] | None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`unclip serve --model tiny` with an API key, as a user starts it."""
+    yield from serve("tiny", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def stable_server(tmp_path_factory):
+    """The same for a Stable unCLIP model (text to image)."""
+    yield from serve("sd-unclip-tiny", tmp_path_factory)
+
+
+def serve(model: str, tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "unclip.cli", "serve", "--model", "tiny",
+    proc = subprocess.Popen([sys.executable, "-m", "unclip.cli", "serve", "--model", model,
                              "--port", str(port), "--api-key", KEY], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -213,3 +223,45 @@ def test_the_page_fits_a_phone(server, browser):
         assert button >= 0.8 * width[1] - 40  # the main button spans the narrow screen
     finally:
         d.set_window_size(1100, 1300)
+
+
+def test_a_stable_unclip_model_gets_its_own_fields(stable_server, browser):
+    """A Stable unCLIP server: the page shows noise level and sampler, hides super-resolution, offers no
+    variations (a text model) or interpolations, and its generation (previews, then the image) is the
+    API's for the seed and settings; a noise level past the schedule is stopped by the field's range."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    d = browser
+    d.get(stable_server + "/")
+    d.execute_script("localStorage.setItem('unclip-api-key', arguments[0])", KEY)
+    d.refresh()
+    wait_until(d, lambda d: "sd-unclip-tiny" in d.find_element(By.ID, "model").text, "the model's name")
+    assert all(d.find_element(By.ID, k).is_displayed() for k in ("noise_level", "scheduler"))
+    assert not d.find_element(By.ID, "super_res_steps").is_displayed()
+    assert "noise level 0" in d.find_element(By.ID, "defaults").text
+    tabs = {t: d.find_element(By.CSS_SELECTOR, f"[data-tab={t}]").is_enabled()
+            for t in ("vary", "interpolate")}
+    assert tabs == {"vary": False, "interpolate": False}
+    settings = {"prior_steps": "2", "decoder_steps": "4", "noise_level": "100"}
+    fill(d, "prompt", "a red circle")
+    fill(d, "seed", "7")
+    for k, v in settings.items():
+        fill(d, k, v)
+    Select(d.find_element(By.ID, "scheduler")).select_by_value("ddim")
+    fill(d, "partial_images", "2")
+    d.find_element(By.ID, "generate").click()
+    wait_until(d, lambda d: len(cards(d)) == 1, "the generated image")
+    assert d.find_element(By.ID, "preview").get_attribute("data-partials") == "2"
+    shown = data_url_pixels(cards(d)[0].get_attribute("src"))
+    body = {"prompt": "a red circle", "seed": 7, "scheduler": "ddim",
+            **{k: int(v) for k, v in settings.items()}}
+    assert int(np.abs(shown - api_pixels(stable_server, "/v1/images/generations", json=body)).max()) <= 1
+    # past the model's noising schedule: the field's range (from /v1/unclip/info) stops the form in the
+    # browser, which says why, and nothing is sent
+    fill(d, "noise_level", "1000")
+    d.find_element(By.ID, "generate").click()
+    field = d.find_element(By.ID, "noise_level")
+    assert d.execute_script("return arguments[0].validity.rangeOverflow", field)
+    assert "999" in field.get_attribute("validationMessage")
+    assert len(cards(d)) == 1 and not d.find_element(By.ID, "error").is_displayed()

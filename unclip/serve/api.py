@@ -549,9 +549,15 @@ async def info(request: Request) -> JSONResponse:
         raise_loading()
     names = TUNABLE
     limits = pipe.limits
+    family = getattr(pipe, "family", "karlo")
+    stable = family == "stable-unclip"
     return JSONResponse({
-        "model": state.model, "size": state.size, "has_prior": pipe.has_prior,
-        "variations": pipe.image_preprocess is not None,
+        "model": state.model, "size": state.size, "has_prior": pipe.has_prior, "family": family,
+        # which forms the playground offers: a Stable unCLIP model makes images from text or from
+        # images (its layout), and has no interpolation
+        "generations": pipe.has_prior if stable else True,
+        "variations": pipe.image_preprocess is not None, "interpolations": not stable,
+        "noise_levels": pipe.noising.num_train_timesteps if stable else None,
         "defaults": {k: getattr(pipe.defaults, k) for k in names if hasattr(pipe.defaults, k)},
         "image_defaults": {k: getattr(pipe.image_defaults, k) for k in IMAGE_TUNABLE
                            if hasattr(pipe.image_defaults, k)},  # each family has its own settings

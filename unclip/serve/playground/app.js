@@ -45,16 +45,27 @@ async function loadInfo() {
   showError("");
   $("model").textContent = `${info.model} · ${info.size}`;
   const d = info.defaults, v = info.image_defaults;
-  for (const [k, value] of Object.entries(d)) if ($(k) && k !== "use_prior") $(k).value = value;
-  for (const [k, value] of Object.entries(v)) if ($(`vary-${k}`)) $(`vary-${k}`).value = value;
-  $("interp-decoder_steps").value = v.decoder_steps;
+  const stable = info.family === "stable-unclip";  // a latent UNet and a VAE: no super-resolution
+  for (const el of document.querySelectorAll(".stable")) el.hidden = !stable;
+  for (const el of document.querySelectorAll(".karlo")) el.hidden = stable;
+  for (const [k, value] of Object.entries(d)) if ($(k) && k !== "use_prior") $(k).value = value ?? "";
+  for (const [k, value] of Object.entries(v)) if ($(`vary-${k}`)) $(`vary-${k}`).value = value ?? "";
+  if (v.decoder_steps !== undefined) $("interp-decoder_steps").value = v.decoder_steps;
   for (const id of ["n", "vary-n", "frames"]) $(id).max = info.limits.max_images;
+  if (stable) for (const id of ["noise_level", "vary-noise_level"]) $(id).max = info.noise_levels - 1;
+  const last = stable ? `, noise level ${d.noise_level}` : `, super-res ${d.super_res_steps}`;
   $("defaults").textContent = `Model defaults: prior ${d.prior_steps} steps at guidance ${d.prior_guidance}, ` +
-    `decoder ${d.decoder_steps} at ${d.decoder_guidance}, super-res ${d.super_res_steps}` +
-    (d.use_prior ? "" : " (no prior)") + ".";
-  if (!info.variations) {
-    for (const tab of ["vary", "interpolate"]) document.querySelector(`[data-tab=${tab}]`).disabled = true;
-  }
+    `decoder ${d.decoder_steps} at ${d.decoder_guidance}${last}` + (d.use_prior === false ? " (no prior)" : "") + ".";
+  const offered = { generate: info.generations, vary: info.variations,
+                    interpolate: info.variations && info.interpolations };
+  for (const [tab, on] of Object.entries(offered)) document.querySelector(`[data-tab=${tab}]`).disabled = !on;
+  if (!info.generations) document.querySelector("[data-tab=vary]").click();  // an image-variation model
+}
+
+function textField(id, name, into) {
+  // a <select> or text: sent when not empty (the model's own default otherwise)
+  const value = $(id).value.trim();
+  if (value !== "") into[name] = value;
 }
 
 async function pollStatus() {
@@ -202,7 +213,11 @@ $("generate-form").addEventListener("submit", async (event) => {
   numberField("n", "n", body);
   numberField("partial_images", "partial_images", body);
   for (const k of ["prior_steps", "decoder_steps", "super_res_steps", "prior_guidance", "decoder_guidance"]) {
-    numberField(k, k, body);
+    if (!$(k).closest("label").hidden) numberField(k, k, body);
+  }
+  if (info && info.family === "stable-unclip") {
+    numberField("noise_level", "noise_level", body);
+    textField("scheduler", "scheduler", body);
   }
   const reuse = (seed) => { $("prompt").value = prompt; $("seed").value = seed; };
   await submit($("generate"), "/v1/images/generations", body, { title: prompt, reuse }, true);
@@ -234,9 +249,10 @@ $("vary-form").addEventListener("submit", async (event) => {
   form.append("image", varyFile);
   form.append("stream", "true");
   form.append("seed", String(seedOf("vary-seed")));
-  for (const k of ["n", "partial_images", "decoder_steps", "super_res_steps", "decoder_guidance"]) {
-    const value = $(`vary-${k}`).value.trim();
-    if (value !== "") form.append(k, value);
+  for (const k of ["n", "partial_images", "decoder_steps", "super_res_steps", "decoder_guidance", "noise_level",
+                   "scheduler"]) {
+    const field = $(`vary-${k}`), value = field.value.trim();
+    if (value !== "" && !field.closest("label").hidden) form.append(k, value);
   }
   const reuse = (seed) => { $("vary-seed").value = seed; };
   await submit($("vary"), "/v1/images/variations", form, { title: `variation of ${varyFile.name}`, reuse }, true);

@@ -213,15 +213,42 @@ def test_merge_puts_every_part_in_one_results_json(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny", "sd-unclip-tiny"])
-def test_gpu_fastpath_measures_on_cpu_and_keeps_going_past_a_failed_runner(tmp_path, model):
-    """gpu_fastpath.py end to end on CPU (eager runners, float32), for both families (the suite's
-    sd-unclip phase runs it on Stable unCLIP): its runner names pass the bench's machinery, and a
-    runner that fails (here: CUDA graphs on CPU) is dropped, named and fails the phase while the
-    others are measured (a GPU lease is too short to lose a whole phase to one)."""
+def test_gpu_fastpath_runners_of_stable_unclip_on_cpu():
+    """The suite's sd-unclip phase runs gpu_fastpath.py's runners on Stable unCLIP: here each runner of
+    it in float32 on CPU, in this process: diffusers' pipeline (the baseline, and by dtype) and ours
+    time the family's stages and make the same image for the seed; Karlo-only options are refused."""
+    import importlib.util
+
+    import numpy as np
+
+    from unclip.errors import UnclipError
+
+    path = REPO / "benchmarks" / "gpu_fastpath.py"
+    spec_file = importlib.util.spec_from_file_location("gpu_fastpath", path)
+    fastpath = importlib.util.module_from_spec(spec_file)
+    spec_file.loader.exec_module(fastpath)
+    spec = {"device": "cpu", "model": "sd-unclip-tiny", "prompt": "a red circle", "seed": 3, "dtype": "fp32",
+            "backend": "torch", "settings": dict(prior_steps=2, decoder_steps=2, prior_guidance=4.0,
+                                                 decoder_guidance=8.0, super_res_steps=7)}
+    images = {}
+    for kind in ("diffusers", "diffusers-fp32", "torch-fp32"):
+        runner = fastpath.FastRunner({**spec, "runner": kind})
+        runner.load()
+        sample, made = runner.timed(1)
+        assert sample["stages_ms"]["vae"] > 0 and sample["stages_ms"]["super_res"] == 0, (kind, sample)
+        images[kind] = np.asarray(made[0])
+    assert all(np.array_equal(image, images["diffusers"]) for image in images.values())
+    with pytest.raises(UnclipError, match="Stable unCLIP's fast path is half precision and CUDA graphs"):
+        fastpath.FastRunner({**spec, "runner": "torch-fp32-graphs-kernels"}).load()
+
+
+def test_gpu_fastpath_measures_on_cpu_and_keeps_going_past_a_failed_runner(tmp_path):
+    """gpu_fastpath.py end to end on CPU (eager runners, float32): its runner names pass the bench's
+    machinery, and a runner that fails (here: CUDA graphs on CPU) is dropped, named and fails the
+    phase while the others are measured (a GPU lease is too short to lose a whole phase to one)."""
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_fastpath.py"), "--device", "cpu",
-                           "--model", model, "--dtype", "fp32", "--batch-sizes", "1",
+                           "--model", "tiny", "--dtype", "fp32", "--batch-sizes", "1",
                            "--runners", "diffusers-fp32,torch-fp32-graphs", "--prior-steps", "2",
                            "--decoder-steps", "2", "--super-res-steps", "2", "--warmup", "0", "--repeat", "2",
                            "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -234,5 +261,3 @@ def test_gpu_fastpath_measures_on_cpu_and_keeps_going_past_a_failed_runner(tmp_p
     assert "needs --device cuda" in doc["runners"]["torch-fp32-graphs"]["failed"]
     assert doc["settings"]["prior_guidance"] == 4.0 and doc["settings"]["decoder_guidance"] == 8.0
     assert "Runners that failed and were dropped: torch-fp32-graphs" in (out / "results.md").read_text()
-    stages = doc["runs"][0]["stages_ms"]  # each family's own last stage was timed
-    assert stages["vae" if model == "sd-unclip-tiny" else "super_res"] > 0

@@ -13,6 +13,7 @@ others of its kind.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -20,6 +21,7 @@ import torch
 
 from unclip.errors import UnclipError
 
+log = logging.getLogger("unclip")
 PartialCallback = Callable[[int, torch.Tensor], None]  # (partial image index, [rows, 3, H, W] in [0, 1])
 
 
@@ -154,6 +156,17 @@ def partial_steps(decoder_steps: int, partial_images: int) -> list[int]:
     k = partial_images
     done = {round(decoder_steps * j / (k + 1)) for j in range(1, k)}
     return sorted(d - 1 for d in done if 1 <= d <= decoder_steps - 1)
+
+
+def send_preview(request: Request, images: torch.Tensor) -> None:
+    """One preview to a streamed request (images as `PartialCallback` takes them). A callback that
+    fails stops that request's previews, not the batch."""
+    try:
+        request.on_partial(request.partials_sent, images)
+        request.partials_sent += 1
+    except Exception:  # noqa: BLE001 - the caller's callback; the batch goes on
+        log.exception("a partial-image callback failed; no more previews for its request")
+        request.on_partial = None
 
 
 def check_partial_images(partial_images, on_partial) -> None:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from unclip.engine import image_conditioned
 from unclip.engine.backends import Backend
-from unclip.engine.batch import Batch, PartialCallback, Request, check_partial_images, take_rows
+from unclip.engine.batch import Batch, PartialCallback, Request, check_partial_images, send_preview, take_rows
 from unclip.engine.image_input import ImagePreprocess
 from unclip.engine.image_output import convert_images
 from unclip.engine.scheduler import SchedulerConfig, StepTable, predicted_x0, step_table
@@ -387,17 +387,10 @@ class Pipeline:
 
     def _send_preview(self, request: Request, x: torch.Tensor) -> None:
         """One preview to a streamed request: decoder-space images in [-1, 1], brought to the output
-        size as super-resolution sees its input (bicubic, antialiased). A callback that fails stops
-        that request's previews, not the batch."""
+        size as super-resolution sees its input (bicubic, antialiased)."""
         size = self.dims.super_res_size
         up = F.interpolate(x.float(), size=[size, size], mode="bicubic", align_corners=False, antialias=True)
-        images = (up * 0.5 + 0.5).clamp(0, 1).cpu()
-        try:
-            request.on_partial(request.partials_sent, images)
-            request.partials_sent += 1
-        except Exception:  # noqa: BLE001 - the caller's callback; the batch goes on
-            log.exception("a partial-image callback failed; no more previews for its request")
-            request.on_partial = None
+        send_preview(request, (up * 0.5 + 0.5).clamp(0, 1).cpu())
 
     def _check_finite(self, stage: str, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():  # one reduction per stage, outside the loops

@@ -9,7 +9,6 @@ one `scheduler` names (pndm, ddim, dpm++: unclip.engine.sd_schedulers).
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -17,13 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from unclip.engine.batch import take_rows
+from unclip.engine.batch import send_preview, take_rows
 from unclip.engine.sd_schedulers import KINDS, NAMES, SamplerConfig, Solver, add_noise
 from unclip.engine.settings import Limits
 from unclip.errors import UnclipError
 from unclip.specs import NetworkSpec, TensorSpec
 
-log = logging.getLogger("unclip")
 SCHEDULERS = tuple(NAMES)  # what --scheduler may name
 DEFAULTS = dict(
     num_images=1,
@@ -557,8 +555,8 @@ class StableUnclipPipeline:
             wanted = batch.previews_at(i, steps=calls, last_is_output=False)
             if wanted:  # the call's estimate of the clean latents, through the VAE: what the image looks like
                 x0 = solver.predicted_x0(i, pred, x)
-                for request, start, rows in wanted:
-                    self._send_preview(request, x0[start : start + rows])
+                for request, start, rows in wanted:  # decoded by the VAE at the output size
+                    send_preview(request, self._vae(x0[start : start + rows]).float().cpu())
             x = solver.step(i, pred, x)
             if on_step is not None:
                 on_step("decoder", i, x_in.shape[0])
@@ -567,17 +565,6 @@ class StableUnclipPipeline:
     def _vae(self, latents: torch.Tensor) -> torch.Tensor:
         image = self.backend.run("vae_decoder", latents=latents)["image"]
         return (image / 2 + 0.5).clamp(0, 1)
-
-    def _send_preview(self, request, latents: torch.Tensor) -> None:
-        """One preview, decoded by the VAE at the output size. A callback that fails stops that
-        request's previews, not the batch."""
-        images = self._vae(latents).float().cpu()
-        try:
-            request.on_partial(request.partials_sent, images)
-            request.partials_sent += 1
-        except Exception:  # noqa: BLE001 - the caller's callback; the batch goes on
-            log.exception("a partial-image callback failed; no more previews for its request")
-            request.on_partial = None
 
 
 @dataclass(frozen=True)

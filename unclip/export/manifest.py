@@ -144,22 +144,27 @@ class TensorRTSection(_Open):
     engines: dict[str, EngineEntry] = {}
 
 
-class Manifest(_Schema):
+class _ExportManifest(_Schema):
+    """What every export's manifest has: the networks, their files and checks, the engines built."""
+
     model_config = ConfigDict(strict=True, extra="allow")  # a later writer's extra sections are ignored
 
-    format: Literal["unclip-onnx"]
     format_version: Literal[1]
     created: str
     precision: Precision
     opset: Annotated[int, Field(ge=1)]
-    source_model: SourceModel
     tools: dict[str, str]
     validation: ExportValidation
-    tensorrt_table: str
-    configs: Configs
     networks: dict[str, NetworkEntry] = Field(min_length=1)
     files: dict[RelativePath, Sha256]
     tensorrt: TensorRTSection | None = None
+
+
+class Manifest(_ExportManifest):
+    format: Literal["unclip-onnx"]
+    source_model: SourceModel
+    tensorrt_table: str
+    configs: Configs
 
 
 class StableSourceModel(_Schema):
@@ -168,23 +173,12 @@ class StableSourceModel(_Schema):
     weights_sha256: Sha256
 
 
-class StableManifest(_Schema):
-    """A Stable unCLIP export's manifest: the same network entries, its own runtime files (all in `files`)."""
-
-    model_config = ConfigDict(strict=True, extra="allow")
+class StableManifest(_ExportManifest):
+    """A Stable unCLIP export's manifest: its own runtime files (all listed in `files`)."""
 
     format: Literal["unclip-stable-unclip-onnx"]
-    format_version: Literal[1]
     family: Literal["stable-unclip"]
-    created: str
-    precision: Precision
-    opset: Annotated[int, Field(ge=1)]
     source_model: StableSourceModel
-    tools: dict[str, str]
-    validation: ExportValidation
-    networks: dict[str, NetworkEntry] = Field(min_length=1)
-    files: dict[RelativePath, Sha256]
-    tensorrt: TensorRTSection | None = None
 
 
 def sha256_file(path: Path) -> str:
